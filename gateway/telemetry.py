@@ -33,6 +33,9 @@ class RequestRecord:
     variant: str = "unknown"                   # safety-prompt variant applied
     stream: bool = False
     status: int = 200                          # HTTP status sent (200 for streams that failed later)
+    # True once GatewayMetrics.request_started was called for this request (after the model and
+    # variant were resolved); request_finished decrements the in-flight gauge only then.
+    in_flight: bool = False
     error_kind: str | None = None              # one of ERROR_KINDS
     started_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None         # seconds from start to the first content token
