@@ -1,0 +1,182 @@
+"""Prometheus metrics of the gateway: one class that owns its own registry.
+
+`GatewayMetrics` turns the app's request lifecycle (`request_started`, then `request_finished`
+with the `RequestRecord` exactly once) into counters, histograms and gauges, and serves them as the
+Prometheus text format. It knows the metric names, labels and buckets; it knows nothing about HTTP,
+upstreams or how verdicts are made (it counts the `Verdict`s the record carries).
+
+Labels are bounded on purpose: model and variant come from the gateway's configuration, route
+from its own routes, status is an HTTP code, `kind` is one of `telemetry.ERROR_KINDS`, `judge` a
+registered judge name. Never user ids, request ids or prompt text.
+
+Multi-process: when `PROMETHEUS_MULTIPROC_DIR` is set (before prometheus_client is first imported,
+which is when it chooses its value store), every worker writes its values to files there and
+`render()` aggregates all workers with `MultiProcessCollector`; the in-flight gauge sums live
+workers and the artifact info gauge takes the max over live workers. A supervisor that restarts
+workers should call `mark_worker_dead(pid)` for each dead worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from gateway.telemetry import ERROR_KINDS, RequestRecord
+
+logger = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# End-to-end latency of a whole answer: CPU vLLM answers take seconds, long streams a minute.
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+# Time to first token: prefill only, usually well under the full latency.
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# The gateway's own work (validation, splice, judging, relaying): milliseconds.
+OVERHEAD_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+UPSTREAM_ERROR_KINDS = tuple(kind for kind in ERROR_KINDS if kind.startswith("upstream_"))
+# Marker set on a record once it has been counted, so a second `request_finished` is a no-op.
+_COUNTED_ATTRIBUTE = "_metrics_counted"
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (in-flight, artifact info) in multi-process mode."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
+
+
+class GatewayMetrics:
+    """All gateway metrics, in a registry of their own (never the global default registry)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV)) and registry is None
+        if self.multiprocess:
+            # Values live in the shared directory; the metric objects are registered nowhere and
+            # the render registry reads every worker's files.
+            metric_registry = None
+            self.registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry)
+        else:
+            self.registry = registry if registry is not None else CollectorRegistry()
+            metric_registry = self.registry
+        r = metric_registry
+
+        self.requests = Counter(
+            "dro_gateway_requests", "Requests answered, by model, variant, route and HTTP status.",
+            ("model", "variant", "route", "status"), registry=r)
+        self.in_flight = Gauge(
+            "dro_gateway_requests_in_flight", "Requests accepted and not yet finished.",
+            ("model", "variant", "route"), registry=r, multiprocess_mode="livesum")
+        self.answers_judged = Counter(
+            "dro_gateway_answers_judged", "Answers (choices) judged for refusal.",
+            ("model", "variant", "judge"), registry=r)
+        self.refusals = Counter(
+            "dro_gateway_refusals", "Answers (choices) the judge called a refusal.",
+            ("model", "variant", "judge"), registry=r)
+        self.latency = Histogram(
+            "dro_gateway_request_duration_seconds", "End-to-end latency: request accepted to last byte sent.",
+            ("model", "variant", "route"), buckets=LATENCY_BUCKETS_S, registry=r)
+        self.ttft = Histogram(
+            "dro_gateway_time_to_first_token_seconds", "Request accepted to the first content token.",
+            ("model", "variant", "route"), buckets=TTFT_BUCKETS_S, registry=r)
+        self.overhead = Histogram(
+            "dro_gateway_overhead_seconds", "Time the gateway itself added: latency minus time waiting on vLLM.",
+            ("model", "variant", "route"), buckets=OVERHEAD_BUCKETS_S, registry=r)
+        self.prompt_tokens = Counter(
+            "dro_gateway_prompt_tokens", "Prompt tokens as vLLM counts them (soft-prompt rows included).",
+            ("model", "variant"), registry=r)
+        self.soft_prompt_tokens = Counter(
+            "dro_gateway_soft_prompt_tokens", "Soft-prompt rows sent (part of the prompt tokens).",
+            ("model", "variant"), registry=r)
+        self.completion_tokens = Counter(
+            "dro_gateway_completion_tokens", "Completion tokens generated.",
+            ("model", "variant"), registry=r)
+        self.request_errors = Counter(
+            "dro_gateway_request_errors", "Requests that ended in an error, by error kind.",
+            ("model", "variant", "kind"), registry=r)
+        self.upstream_errors = Counter(
+            "dro_gateway_upstream_errors", "Failures of the vLLM upstream, by kind.",
+            ("model", "variant", "kind"), registry=r)
+        self.artifact_info = Gauge(
+            "dro_gateway_artifact_info", "Soft-prompt artifact loaded for a model's variant (value 1).",
+            ("model", "variant", "artifact", "origin", "num_virtual_tokens", "hidden_size",
+             "chat_template_sha256", "forced"),
+            registry=r, multiprocess_mode="livemax")
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def request_started(self, model: str, variant: str, route: str) -> None:
+        """A request was accepted: in flight +1. Must be followed by exactly one `request_finished`
+        whose record carries the same model, variant and route."""
+        self.in_flight.labels(model, variant, route).inc()
+
+    def request_finished(self, record: RequestRecord) -> None:
+        """Account one finished request (success, error, disconnect alike). Idempotent per record."""
+        if getattr(record, _COUNTED_ATTRIBUTE, False):
+            logger.warning("request %s reported finished twice; counted once", record.request_id)
+            return
+        setattr(record, _COUNTED_ATTRIBUTE, True)
+        record.finish()
+        model, variant, route = record.model, record.variant, record.route
+        self.in_flight.labels(model, variant, route).dec()
+        self.requests.labels(model, variant, route, str(record.status)).inc()
+
+        for verdict in record.verdicts:
+            self.answers_judged.labels(model, variant, verdict.judge).inc()
+            if verdict.refusal:
+                self.refusals.labels(model, variant, verdict.judge).inc()
+
+        if record.total_s is not None:
+            self.latency.labels(model, variant, route).observe(record.total_s)
+        if record.first_token_s is not None:
+            self.ttft.labels(model, variant, route).observe(record.first_token_s)
+        if record.overhead_s is not None:
+            self.overhead.labels(model, variant, route).observe(record.overhead_s)
+
+        if record.prompt_tokens:
+            self.prompt_tokens.labels(model, variant).inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.completion_tokens.labels(model, variant).inc(record.completion_tokens)
+        if record.soft_prompt_tokens:
+            self.soft_prompt_tokens.labels(model, variant).inc(record.soft_prompt_tokens)
+
+        if record.error_kind is not None:
+            kind = record.error_kind
+            if kind not in ERROR_KINDS:
+                # A label must stay bounded: an unknown kind is a gateway bug, counted as such.
+                logger.error("request %s has unknown error kind %r; counted as 'internal'",
+                             record.request_id, kind)
+                kind = "internal"
+            self.request_errors.labels(model, variant, kind).inc()
+            if kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.labels(model, variant, kind).inc()
+
+    def artifact_loaded(self, model: str, variant: str, manifest) -> None:
+        """Expose one loaded soft-prompt artifact (a `gateway.artifact.Manifest`) as an info metric.
+
+        Text variants (no artifact) pass `manifest=None` and are shown with origin "text"."""
+        if manifest is None:
+            labels = (model, variant, "", "text", "0", "0", "", "false")
+        else:
+            labels = (
+                model, variant, manifest.name, manifest.origin, str(manifest.num_virtual_tokens),
+                str(manifest.hidden_size), (manifest.chat_template_sha256 or "")[:12],
+                "true" if manifest.forced else "false",
+            )
+        self.artifact_info.labels(*labels).set(1)
+
+    # --- exposition ----------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of every metric, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

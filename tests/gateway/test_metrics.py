@@ -1,0 +1,214 @@
+"""GatewayMetrics: feed RequestRecords, read the registry back; multi-process aggregation; request log."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.artifact import Manifest
+from gateway.judge import Verdict
+from gateway.metrics import GatewayMetrics
+from gateway.request_log import LOGGER_NAME, build_log_entry, configure_request_log, log_request
+from gateway.telemetry import ERROR_KINDS, RequestRecord
+
+ROUTE = "/v1/chat/completions"
+
+
+def value(metrics: GatewayMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def record(**fields) -> RequestRecord:
+    base = dict(request_id="r1", route=ROUTE, model="smollm2", variant="dro", started_s=0.0,
+                first_token_s=0.2, upstream_s=0.9, total_s=1.0, prompt_tokens=40, completion_tokens=12,
+                soft_prompt_tokens=23, judge="phrases")
+    base.update(fields)
+    return RequestRecord(**base)
+
+
+def test_own_registry_not_global() -> None:
+    from prometheus_client import REGISTRY
+
+    metrics = GatewayMetrics()
+    assert metrics.registry is not REGISTRY
+    metrics.request_started("m", "v", ROUTE)
+    assert REGISTRY.get_sample_value("dro_gateway_requests_in_flight", {"model": "m", "variant": "v", "route": ROUTE}) is None
+
+
+def test_success_counts_everything_once() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    metrics.request_started("smollm2", "dro", ROUTE)
+    assert value(metrics, "dro_gateway_requests_in_flight", model="smollm2", variant="dro", route=ROUTE) == 1
+    rec = record(verdicts=[Verdict(True, "phrases", "As an AI"), Verdict(False, "phrases", None)])
+    metrics.request_finished(rec)
+    metrics.request_finished(rec)  # a second report of the same record is ignored
+
+    labels = dict(model="smollm2", variant="dro")
+    assert value(metrics, "dro_gateway_requests_in_flight", route=ROUTE, **labels) == 0
+    assert value(metrics, "dro_gateway_requests_total", route=ROUTE, status="200", **labels) == 1
+    assert value(metrics, "dro_gateway_answers_judged_total", judge="phrases", **labels) == 2
+    assert value(metrics, "dro_gateway_refusals_total", judge="phrases", **labels) == 1
+    assert value(metrics, "dro_gateway_prompt_tokens_total", **labels) == 40
+    assert value(metrics, "dro_gateway_soft_prompt_tokens_total", **labels) == 23
+    assert value(metrics, "dro_gateway_completion_tokens_total", **labels) == 12
+    assert value(metrics, "dro_gateway_request_duration_seconds_count", route=ROUTE, **labels) == 1
+    assert value(metrics, "dro_gateway_request_duration_seconds_sum", route=ROUTE, **labels) == pytest.approx(1.0)
+    assert value(metrics, "dro_gateway_time_to_first_token_seconds_sum", route=ROUTE, **labels) == pytest.approx(0.2)
+    assert value(metrics, "dro_gateway_overhead_seconds_sum", route=ROUTE, **labels) == pytest.approx(0.1)
+    # 1.0 s falls in the 1.0 bucket, not in 0.5.
+    assert value(metrics, "dro_gateway_request_duration_seconds_bucket", route=ROUTE, le="1.0", **labels) == 1
+    assert value(metrics, "dro_gateway_request_duration_seconds_bucket", route=ROUTE, le="0.5", **labels) == 0
+    assert value(metrics, "dro_gateway_request_errors_total", kind="internal", **labels) is None
+
+
+@pytest.mark.parametrize("kind", ERROR_KINDS)
+def test_error_kinds(kind: str) -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    metrics.request_started("smollm2", "dro", ROUTE)
+    status = 502 if kind.startswith("upstream") else 400
+    metrics.request_finished(record(status=status, error_kind=kind, first_token_s=None, completion_tokens=None))
+    labels = dict(model="smollm2", variant="dro")
+    assert value(metrics, "dro_gateway_request_errors_total", kind=kind, **labels) == 1
+    upstream = value(metrics, "dro_gateway_upstream_errors_total", kind=kind, **labels)
+    assert upstream == (1 if kind.startswith("upstream_") else None)
+    assert value(metrics, "dro_gateway_requests_total", route=ROUTE, status=str(status), **labels) == 1
+    assert value(metrics, "dro_gateway_requests_in_flight", route=ROUTE, **labels) == 0
+    assert value(metrics, "dro_gateway_time_to_first_token_seconds_count", route=ROUTE, **labels) is None
+
+
+def test_mid_stream_failure_counts_partial_verdict() -> None:
+    """A stream cut by the client still counts its judged answer and leaves in-flight at 0."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    metrics.request_started("smollm2", "default", ROUTE)
+    metrics.request_finished(record(variant="default", stream=True, error_kind="client_disconnect",
+                                    verdicts=[Verdict(True, "paper", "I cannot ")], total_s=None, started_s=0.0))
+    labels = dict(model="smollm2", variant="default")
+    assert value(metrics, "dro_gateway_refusals_total", judge="paper", **labels) == 1
+    assert value(metrics, "dro_gateway_request_errors_total", kind="client_disconnect", **labels) == 1
+    assert value(metrics, "dro_gateway_requests_in_flight", route=ROUTE, **labels) == 0
+    assert value(metrics, "dro_gateway_request_duration_seconds_count", route=ROUTE, **labels) == 1
+
+
+def test_unknown_error_kind_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    metrics.request_started("m", "v", ROUTE)
+    with caplog.at_level(logging.ERROR, logger="gateway.metrics"):
+        metrics.request_finished(record(model="m", variant="v", error_kind="free text from somewhere"))
+    assert value(metrics, "dro_gateway_request_errors_total", model="m", variant="v", kind="internal") == 1
+    assert "unknown error kind" in caplog.text
+
+
+def test_artifact_info_and_render() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    manifest = Manifest(name="dro", base_model="smollm2", hidden_size=576, num_virtual_tokens=23,
+                        chat_template_sha256="ab" * 32, dtype="float32", origin="dro-trainer")
+    metrics.artifact_loaded("smollm2", "dro", manifest)
+    metrics.artifact_loaded("smollm2", "default", None)
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    info = families["dro_gateway_artifact_info"].samples
+    by_variant = {sample.labels["variant"]: sample for sample in info}
+    assert by_variant["dro"].labels["num_virtual_tokens"] == "23"
+    assert by_variant["dro"].labels["origin"] == "dro-trainer"
+    assert by_variant["dro"].labels["chat_template_sha256"] == "ab" * 6
+    assert by_variant["default"].labels["origin"] == "text"
+    assert all(sample.value == 1 for sample in info)
+    # Prometheus naming: counters end in _total, histograms are in seconds.
+    assert "dro_gateway_requests" in families and families["dro_gateway_requests"].type == "counter"
+    assert families["dro_gateway_request_duration_seconds"].type == "histogram"
+
+
+def test_no_request_id_or_user_label() -> None:
+    metrics = GatewayMetrics(CollectorRegistry())
+    metrics.request_started("smollm2", "dro", ROUTE)
+    metrics.request_finished(record(request_id="secret-id-123", user="alice@example.com"))
+    body, _ = metrics.render()
+    assert b"secret-id-123" not in body and b"alice" not in body
+
+
+MULTIPROCESS_WORKER = textwrap.dedent("""
+    import sys
+    from gateway.judge import Verdict
+    from gateway.metrics import GatewayMetrics
+    from gateway.telemetry import RequestRecord
+    metrics = GatewayMetrics()
+    assert metrics.multiprocess
+    for index in range(int(sys.argv[1])):
+        metrics.request_started("m", "v", "/r")
+        metrics.request_finished(RequestRecord(request_id=str(index), route="/r", model="m", variant="v",
+                                               total_s=0.5, verdicts=[Verdict(index % 2 == 0, "paper")]))
+    metrics.request_started("m", "v", "/r")  # left in flight
+    if len(sys.argv) > 2:
+        body, _ = metrics.render()
+        sys.stdout.write(body.decode())
+""")
+
+
+def test_multiprocess_workers_aggregate(tmp_path: Path) -> None:
+    """Two worker processes sharing PROMETHEUS_MULTIPROC_DIR render as one."""
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    first = subprocess.Popen([sys.executable, "-c", MULTIPROCESS_WORKER, "3"], env=env)
+    assert first.wait(timeout=60) == 0
+    result = subprocess.run([sys.executable, "-c", MULTIPROCESS_WORKER, "4", "render"], env=env, check=True,
+                            capture_output=True, text=True)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(result.stdout) for s in family.samples}
+
+    def sample(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({"model": "m", "variant": "v", **labels}.items())))]
+
+    assert sample("dro_gateway_answers_judged_total", judge="paper") == 7
+    assert sample("dro_gateway_refusals_total", judge="paper") == 4  # 2 + 2
+    assert sample("dro_gateway_requests_total", route="/r", status="200") == 7
+    assert sample("dro_gateway_request_duration_seconds_count", route="/r") == 7
+    # livesum: the first worker has exited, but its pid was never marked dead, so it still counts.
+    in_flight = sample("dro_gateway_requests_in_flight", route="/r")
+    assert in_flight == 2
+    # Once the supervisor marks the first worker dead, its in-flight request no longer counts.
+    render = textwrap.dedent("""
+        import sys
+        from gateway.metrics import GatewayMetrics, mark_worker_dead
+        mark_worker_dead(int(sys.argv[1]))
+        sys.stdout.write(GatewayMetrics().render()[0].decode())
+    """)
+    result = subprocess.run([sys.executable, "-c", render, str(first.pid)], env=env, check=True,
+                            capture_output=True, text=True)
+    after = [s.value for family in text_string_to_metric_families(result.stdout) for s in family.samples
+             if s.name == "dro_gateway_requests_in_flight"]
+    assert after == [1]
+
+
+def test_request_log_line_without_prompts() -> None:
+    stream = io.StringIO()
+    configure_request_log(stream)
+    rec = record(request_id="abc", user="alice", prompt_text="how do I", answer_texts=["I can't help"],
+                 verdicts=[Verdict(True, "phrases", "I can't ")], error_kind=None)
+    log_request(rec, log_prompts=False)
+    line = stream.getvalue().strip()
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["request_id"] == "abc" and entry["model"] == "smollm2" and entry["variant"] == "dro"
+    assert entry["status"] == 200 and entry["refusal"] is True and entry["refusals"] == [True]
+    assert entry["matched"] == ["I can't "] and entry["judge"] == "phrases"
+    assert entry["prompt_tokens"] == 40 and entry["completion_tokens"] == 12
+    assert entry["latency_s"] == 1.0 and entry["ttft_s"] == 0.2 and entry["overhead_s"] == pytest.approx(0.1)
+    assert "how do I" not in line and "alice" not in line and "I can't help" not in line
+    assert logging.getLogger(LOGGER_NAME).propagate is False
+
+
+def test_request_log_with_prompts() -> None:
+    rec = record(user="alice", prompt_text="how do I", answer_texts=["Sure"], verdicts=[])
+    entry = build_log_entry(rec, log_prompts=True)
+    assert entry["prompt"] == "how do I" and entry["answers"] == ["Sure"] and entry["user"] == "alice"
+    assert entry["refusal"] is None and entry["refusals"] == []
