@@ -116,8 +116,9 @@ class GatewayMetrics:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def request_started(self, model: str, variant: str, route: str) -> None:
-        """A request was accepted: in flight +1. Must be followed by exactly one `request_finished`
-        whose record carries the same model, variant and route."""
+        """A request was accepted (model and variant resolved): in flight +1. The app then sets
+        `record.in_flight = True`; exactly one `request_finished` with the same model, variant and
+        route follows."""
         self.in_flight.labels(model, variant, route).inc()
 
     def request_finished(self, record: RequestRecord) -> None:
@@ -128,7 +129,10 @@ class GatewayMetrics:
         setattr(record, _COUNTED_ATTRIBUTE, True)
         record.finish()
         model, variant, route = record.model, record.variant, record.route
-        self.in_flight.labels(model, variant, route).dec()
+        if record.in_flight:
+            # Requests refused before resolution (bad JSON, unknown model) were never in flight.
+            self.in_flight.labels(model, variant, route).dec()
+            record.in_flight = False
         self.requests.labels(model, variant, route, str(record.status)).inc()
 
         for verdict in record.verdicts:

@@ -31,7 +31,7 @@ def value(metrics: GatewayMetrics, name: str, **labels: str) -> float | None:
 def record(**fields) -> RequestRecord:
     base = dict(request_id="r1", route=ROUTE, model="smollm2", variant="dro", started_s=0.0,
                 first_token_s=0.2, upstream_s=0.9, total_s=1.0, prompt_tokens=40, completion_tokens=12,
-                soft_prompt_tokens=23, judge="phrases")
+                soft_prompt_tokens=23, judge="phrases", in_flight=True)
     base.update(fields)
     return RequestRecord(**base)
 
@@ -99,6 +99,18 @@ def test_mid_stream_failure_counts_partial_verdict() -> None:
     assert value(metrics, "dro_gateway_request_duration_seconds_count", route=ROUTE, **labels) == 1
 
 
+def test_refused_before_resolution_never_in_flight() -> None:
+    """A request rejected before model resolution was never started: no in-flight decrement."""
+    metrics = GatewayMetrics(CollectorRegistry())
+    metrics.request_started("smollm2", "dro", ROUTE)  # another request, still running
+    metrics.request_finished(record(model="unknown", variant="unknown", status=404,
+                                    error_kind="model_not_found", in_flight=False))
+    assert value(metrics, "dro_gateway_requests_in_flight", model="smollm2", variant="dro", route=ROUTE) == 1
+    assert value(metrics, "dro_gateway_requests_in_flight", model="unknown", variant="unknown", route=ROUTE) is None
+    assert value(metrics, "dro_gateway_requests_total", model="unknown", variant="unknown", route=ROUTE,
+                 status="404") == 1
+
+
 def test_unknown_error_kind_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
     metrics = GatewayMetrics(CollectorRegistry())
     metrics.request_started("m", "v", ROUTE)
@@ -146,8 +158,9 @@ MULTIPROCESS_WORKER = textwrap.dedent("""
     assert metrics.multiprocess
     for index in range(int(sys.argv[1])):
         metrics.request_started("m", "v", "/r")
-        metrics.request_finished(RequestRecord(request_id=str(index), route="/r", model="m", variant="v",
-                                               total_s=0.5, verdicts=[Verdict(index % 2 == 0, "paper")]))
+        metrics.request_finished(RequestRecord(
+            request_id=str(index), route="/r", model="m", variant="v", in_flight=True, total_s=0.5,
+            verdicts=[Verdict(index % 2 == 0, "paper")]))
     metrics.request_started("m", "v", "/r")  # left in flight
     if len(sys.argv) > 2:
         body, _ = metrics.render()
