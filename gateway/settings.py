@@ -1,0 +1,136 @@
+"""The gateway's one typed settings object.
+
+Built once by the app factory (never at import time) from, in order of precedence: explicit
+arguments, environment variables (`GATEWAY_` prefix, `__` for nesting, e.g.
+`GATEWAY_UPSTREAM_URLS='["http://vllm:8000"]'`), and the YAML file named by `GATEWAY_CONFIG`.
+This module knows nothing about HTTP handling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from gateway.judge import DEFAULT_JUDGE
+from gateway.prompts import HUMAN_PROMPTS
+
+RESERVED_VARIANTS = ("none", *HUMAN_PROMPTS)
+
+
+class ModelConfig(BaseModel):
+    """One served model and its safety-prompt variants."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(description="public model id, e.g. 'smollm2-135m-instruct'")
+    upstream_model: str | None = Field(default=None, description="vLLM --served-model-name; default: name")
+    model_path: Path | None = Field(
+        default=None,
+        description="local Hugging Face folder of the served model; artifacts are validated against "
+        "its hidden size and chat template at startup",
+    )
+    default_variant: str = Field(default="default", description="variant applied to the bare model id")
+    # Variant name -> artifact directory (written by the trainer or imported).
+    artifacts: dict[str, Path] = Field(default_factory=dict)
+    # Variant name -> weight; when set, the bare model id splits its traffic between these variants
+    # (deterministically per user, else per request id).
+    split: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def upstream_name(self) -> str:
+        return self.upstream_model or self.name
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "@" in value:
+            raise ValueError("model name must be non-empty and must not contain '@'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> "ModelConfig":
+        for name in self.artifacts:
+            if name in RESERVED_VARIANTS or "@" in name or not name:
+                raise ValueError(f"artifact variant name {name!r} is reserved or invalid")
+        known = set(RESERVED_VARIANTS) | set(self.artifacts)
+        if self.default_variant not in known:
+            raise ValueError(f"default_variant {self.default_variant!r} is not one of {sorted(known)}")
+        for name, weight in self.split.items():
+            if name not in known:
+                raise ValueError(f"split variant {name!r} is not one of {sorted(known)}")
+            if weight < 0:
+                raise ValueError(f"split weight for {name!r} must be >= 0")
+        if self.split and sum(self.split.values()) <= 0:
+            raise ValueError("split weights must not all be zero")
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", protected_namespaces=(),
+    )
+
+    upstream_urls: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8001"],
+        description="vLLM OpenAI servers; requests are balanced round-robin over the healthy ones",
+    )
+    upstream_api_key: SecretStr | None = None
+    connect_timeout_s: float = 5.0
+    # Longest silence allowed between two bytes from vLLM (a non-streaming answer is one wait).
+    read_timeout_s: float = 300.0
+    health_interval_s: float = 5.0
+    models: list[ModelConfig] = Field(default_factory=list)
+    # What happens to a client's own system message when a safety prompt is applied:
+    # prepend: the safety prompt first, the client's text after it, in one system message (default);
+    # replace: the client's system message is dropped; reject: 400.
+    system_message_policy: Literal["prepend", "replace", "reject"] = "prepend"
+    judge: str = DEFAULT_JUDGE
+    log_prompts: bool = False
+    max_request_bytes: int = 4 * 1024 * 1024
+    max_n: int = 16
+    # Per-request `seed`: safe with the project's vLLM command (chunked prefill off); set to
+    # "reject" when the upstream is a vLLM CPU build with chunked prefill on (it crashes on seeds).
+    seed_policy: Literal["pass", "reject"] = "pass"
+
+    @field_validator("upstream_urls")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one upstream URL is required")
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstream URL {url!r} must start with http:// or https://")
+        return [url.rstrip("/") for url in value]
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> "Settings":
+        names = [model.name for model in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError(f"duplicate model names in {names}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("GATEWAY_CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"GATEWAY_CONFIG={config_file} does not exist")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)

@@ -1,0 +1,112 @@
+"""Put a safety prompt into a chat request: the one place that decides what vLLM sees.
+
+- A text variant becomes the system message's text.
+- A soft prompt becomes the system message whose content is exactly one `prompt_embeds` part; vLLM
+  renders the model's chat template around it and expands its sentinel into the N rows, the same
+  positions the trainer optimised (see docs/architecture.md). The payload is serialised once, when
+  the artifact is loaded (`encode_prompt_embeds`), never per request.
+- A client's own system message is handled by the configured policy (see `apply_safety_prompt`).
+
+Client input that could inject tensors or placeholders is refused here (`check_client_input`).
+This module knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Literal
+
+import pybase64
+import torch
+
+from gateway.errors import InvalidRequest
+from gateway.protocol import (
+    EMBEDS_SENTINEL,
+    FORBIDDEN_FIELDS,
+    ChatCompletionRequest,
+    ChatMessage,
+    iter_texts,
+    system_text,
+)
+
+Policy = Literal["prepend", "replace", "reject"]
+
+
+def encode_prompt_embeds(tensor: torch.Tensor) -> str:
+    """base64 of `torch.save(tensor)`, vLLM's prompt_embeds wire format. [n, hidden] -> str.
+
+    float32 and bfloat16 are sent as they are (vLLM casts to the model dtype once); any other
+    float dtype is widened to float32 first, since a third dtype would round twice.
+    `.clone()` matters: torch.save writes a view's whole underlying storage.
+    """
+    if tensor.ndim != 2 or not tensor.is_floating_point():
+        raise ValueError(f"soft prompt must be a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
+    if tensor.dtype not in (torch.float32, torch.bfloat16):
+        tensor = tensor.float()
+    buffer = io.BytesIO()
+    torch.save(tensor.detach().cpu().contiguous().clone(), buffer)
+    return pybase64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def prompt_embeds_part(encoded: str) -> dict[str, str]:
+    return {"type": "prompt_embeds", "data": encoded}
+
+
+def check_client_input(request: ChatCompletionRequest, raw: dict[str, Any]) -> None:
+    """Refuse requests that could carry tensors or the reserved sentinel to vLLM (400).
+
+    Security: vLLM decodes prompt_embeds with torch.load and trusts their shape (it is documented
+    as trusted-users-only). Only the gateway may send them; content-part types are allow-listed in
+    the protocol model, forbidden top-level fields are checked here, and the sentinel text is
+    refused anywhere in the messages, tools or other fields.
+    """
+    forbidden = sorted(FORBIDDEN_FIELDS & set(raw))
+    if forbidden:
+        raise InvalidRequest(f"field '{forbidden[0]}' is not accepted by this gateway", param=forbidden[0])
+    for text in iter_texts(raw):
+        if EMBEDS_SENTINEL in text:
+            raise InvalidRequest(
+                f"text may not contain the reserved placeholder {EMBEDS_SENTINEL}", param="messages")
+
+
+def apply_safety_prompt(
+    messages: list[dict[str, Any]],
+    *,
+    kind: Literal["none", "text", "soft"],
+    text: str | None = None,
+    encoded_embeds: str | None = None,
+    policy: Policy = "prepend",
+) -> list[dict[str, Any]]:
+    """Messages for vLLM with the safety prompt as the first system message.
+
+    `messages` are the client's messages as plain dicts. The client's system message is the one at
+    index 0 with role "system"; later system messages are left where they are.
+    - prepend (default): one system message, safety prompt first, then the client's system text.
+      The safety prompt keeps exactly the position and left context it was trained with; only
+      what follows it changes. A soft prompt is joined to the client's text by vLLM (newline).
+    - replace: the client's system message is dropped, so the prompt is token-for-token the
+      trained one.
+    - reject: a request with its own system message is refused with 400.
+    With kind "none", the messages pass unchanged.
+    """
+    if kind == "none":
+        return messages
+    rest = list(messages)
+    client_system: str | None = None
+    if rest and rest[0].get("role") == "system":
+        if policy == "reject":
+            raise InvalidRequest(
+                "this model applies a safety system prompt; a client system message is not accepted "
+                "(system_message_policy=reject)", param="messages")
+        first = rest.pop(0)
+        if policy == "prepend":
+            client_system = system_text(ChatMessage.model_validate(first)) or None
+    if kind == "text":
+        assert text is not None
+        content: Any = text if client_system is None else f"{text}\n\n{client_system}"
+    else:
+        assert encoded_embeds is not None
+        content = [prompt_embeds_part(encoded_embeds)]
+        if client_system is not None:
+            content.append({"type": "text", "text": client_system})
+    return [{"role": "system", "content": content}, *rest]
