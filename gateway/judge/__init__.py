@@ -1,0 +1,53 @@
+"""Refusal judges: decide whether an answer is a refusal, on whole texts and on streams.
+
+One pure package shared by the gateway (live metrics), the evaluation harness and the trainer's
+label stage, so a refusal means the same thing everywhere. It knows nothing about HTTP, models or
+metrics.
+
+- `paper` (`PaperMatcher`, `gateway.judge.paper`): the DRO paper's string matcher, exactly, for
+  figures comparable with the paper.
+- `phrases` (`PhraseJudge`, `gateway.judge.phrases`): broader phrase rules over the opening of the
+  answer; the default (measured against hand labels in docs/judges.md).
+
+Every judge reads only an opening *window* of the answer. `window_closed(text)` says when more text
+can no longer change the verdict, which lets `StreamVerdict` stop buffering a streamed answer and
+lets samplers stop generating early. For any text t and any extension t + s, `window_closed(t)`
+implies `judge(t) == judge(t + s)`; the tests check this property for every registered judge.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from gateway.judge.base import Judge, Verdict
+from gateway.judge.paper import (
+    INLINE_LIST,
+    LIST_MARKERS,
+    MATCH_STRINGS,
+    WINDOW_PARAGRAPHS,
+    PaperMatcher,
+    match_refusal,
+    opening_window,
+)
+from gateway.judge.phrases import PhraseJudge
+from gateway.judge.stream import StreamVerdict
+
+# Registry of judge factories by name.
+JUDGES: dict[str, Callable[[], Judge]] = {"paper": PaperMatcher, "phrases": PhraseJudge}
+DEFAULT_JUDGE = "paper"
+
+
+def get_judge(name: str) -> Judge:
+    """Build the judge registered under `name`; ValueError names the known judges otherwise."""
+    try:
+        factory = JUDGES[name]
+    except KeyError:
+        raise ValueError(f"unknown judge {name!r}; known judges: {', '.join(sorted(JUDGES))}") from None
+    return factory()
+
+
+__all__ = [
+    "DEFAULT_JUDGE", "INLINE_LIST", "JUDGES", "LIST_MARKERS", "MATCH_STRINGS", "WINDOW_PARAGRAPHS",
+    "Judge", "PaperMatcher", "PhraseJudge", "StreamVerdict", "Verdict", "get_judge", "match_refusal",
+    "opening_window",
+]
