@@ -1,0 +1,88 @@
+"""A fake vLLM upstream for fault injection only: hangs, 500s, 4xx, and streams that stop or drop
+mid-answer — failures a real vLLM cannot be made to produce on demand. The `model` field of the
+request picks the behaviour. Also an in-thread uvicorn runner for ASGI apps on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+def _chunk(text: str | None, finish: str | None = None) -> bytes:
+    delta = {"content": text} if text is not None else {}
+    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": "fake",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def chat(request: Request) -> Response:
+    body = orjson.loads(await request.body())
+    behaviour = body["model"]
+    if behaviour == "hang":
+        await asyncio.sleep(30)
+    if behaviour == "boom":
+        return JSONResponse({"error": {"message": "engine died", "type": "InternalServerError"}}, status_code=500)
+    if behaviour == "picky":
+        return JSONResponse({"error": {"message": "This model's maximum context length is 10 tokens.",
+                                       "type": "BadRequestError", "param": "messages", "code": 400}},
+                            status_code=400)
+    if not body.get("stream"):
+        return JSONResponse({"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": "fake",
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": "I cannot help with that."}}],
+                             "usage": {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}})
+
+    async def events():
+        yield _chunk("I cannot ")
+        yield _chunk("help")
+        if behaviour == "drop":
+            raise RuntimeError("connection dropped")  # uvicorn aborts the chunked response
+        if behaviour == "stall":
+            await asyncio.sleep(30)
+        yield _chunk(" with that.", "stop")
+        yield b"data: " + orjson.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+                                        "model": "fake", "choices": [],
+                                        "usage": {"prompt_tokens": 3, "completion_tokens": 3,
+                                                  "total_tokens": 6}}) + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def health(request: Request) -> Response:
+    return Response("ok")
+
+
+def fault_app() -> Starlette:
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                             Route("/health", health)])
+
+
+class ThreadedServer:
+    """Run an ASGI app with uvicorn on 127.0.0.1:port in a background thread (real HTTP)."""
+
+    def __init__(self, app, port: int) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ThreadedServer":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
