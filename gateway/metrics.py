@@ -137,8 +137,11 @@ class GatewayMetrics:
 
         for verdict in record.verdicts:
             self.answers_judged.labels(model, variant, verdict.judge).inc()
+            # Touch the refusal series even when it stays 0, so a refusal rate of 0 is a value on
+            # the dashboard, not a missing series.
+            refusals = self.refusals.labels(model, variant, verdict.judge)
             if verdict.refusal:
-                self.refusals.labels(model, variant, verdict.judge).inc()
+                refusals.inc()
 
         if record.total_s is not None:
             self.latency.labels(model, variant, route).observe(record.total_s)

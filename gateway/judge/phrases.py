@@ -42,7 +42,7 @@ _AI = (
 # (name, pattern). Order matters only for which rule is reported as `matched`.
 _RULES: tuple[tuple[str, str], ...] = (
     ("cannot-act", rf"\bI(?: really| simply| just)? {_CANNOT}(?: be able to)?(?: in good conscience| ethically)?"
-                   rf"(?: directly| actually| personally)? {_ACTS}\b"),
+                   rf"(?: directly| actually| personally)? {_ACTS}\b(?! but\b)"),
     ("decline", r"\bI (?:must|have to|need to|will have to|'ll have to|would have to)(?: respectfully| politely)? "
                 r"(?:decline|refuse|pass)\b"),
     ("sorry-cannot", r"^(?:(?:I'm|I am|I'm really|I am really|I'm very) sorry|I apologi[sz]e|Sorry|My apologies|"

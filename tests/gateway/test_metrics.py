@@ -69,6 +69,10 @@ def test_success_counts_everything_once() -> None:
     assert value(metrics, "dro_gateway_request_duration_seconds_bucket", route=ROUTE, le="1.0", **labels) == 1
     assert value(metrics, "dro_gateway_request_duration_seconds_bucket", route=ROUTE, le="0.5", **labels) == 0
     assert value(metrics, "dro_gateway_request_errors_total", kind="internal", **labels) is None
+    # A variant with answers but no refusal shows a refusal count of 0, not a missing series.
+    metrics.request_started("smollm2", "default", ROUTE)
+    metrics.request_finished(record(variant="default", verdicts=[Verdict(False, "phrases", None)]))
+    assert value(metrics, "dro_gateway_refusals_total", model="smollm2", variant="default", judge="phrases") == 0
 
 
 @pytest.mark.parametrize("kind", ERROR_KINDS)
