@@ -69,9 +69,10 @@ COPY trainer/ ./trainer/
 COPY evaluation/ ./evaluation/
 COPY data/ ./data/
 RUN pip install --no-cache-dir --no-deps . \
-    && useradd --create-home --uid 10001 --user-group trainer \
+    && groupadd --gid 10001 trainer \
+    && useradd --create-home --uid 10001 --gid 10001 trainer \
     && mkdir -p /runs && chown trainer:trainer /runs
-USER trainer
+USER 10001:10001
 ENV DRO_CACHE_DIR=/home/trainer/.cache/dro-gateway
 ENTRYPOINT ["python", "-m", "trainer"]
 CMD ["--help"]
@@ -79,12 +80,13 @@ CMD ["--help"]
 # ---------------------------------------------------------------------------------------------
 # Gateway image (default target): the virtual environment and nothing else from the build.
 FROM base AS gateway
-RUN useradd --system --no-create-home --uid 10001 --user-group gateway
+RUN groupadd --system --gid 10001 gateway \
+    && useradd --system --no-create-home --uid 10001 --gid 10001 gateway
 COPY --from=gateway-build /opt/venv /opt/venv
 WORKDIR /app
 # The gateway's torch work is tiny and serial; more OpenMP threads only spin on a busy host.
 ENV OMP_NUM_THREADS=1
-USER gateway:gateway
+USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2).status == 200 else 1)"]
