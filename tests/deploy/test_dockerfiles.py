@@ -126,6 +126,7 @@ def test_gateway_image_installs_the_runtime_dependencies_with_cpu_torch_and_no_t
     assert sources == ["pyproject.toml", "README.md", "gateway/"]
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and the whole gateway: seconds
 def test_gateway_code_imports_no_trainer_evaluation_or_transformers() -> None:
     """What the image holds (gateway/ only) must be importable on its own."""
     probe = (
