@@ -166,6 +166,17 @@ def test_vllm_command_is_the_native_command(name: str, overrides: dict[str, str]
     assert set(extra[::2]) <= set(GPU_ONLY_ARGS)
 
 
+@pytest.mark.parametrize("gpus", ["1", "4"])
+def test_gpu_vllm_reserves_as_many_gpus_as_its_tensor_parallel_degree(gpus: str) -> None:
+    example = read_env_file(ENV_EXAMPLE)
+    assert example["VLLM_GPU_COUNT"] == example["VLLM_TENSOR_PARALLEL_SIZE"]
+    service = load_compose(COMPOSE, example_env(VLLM_GPU_COUNT=gpus, VLLM_TENSOR_PARALLEL_SIZE=gpus))["services"]["vllm"]
+    [device] = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": gpus, "capabilities": ["gpu"]}
+    command = service["command"]
+    assert command[command.index("--tensor-parallel-size") + 1] == gpus
+
+
 def test_cpu_vllm_gets_the_native_environment(compose, monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         monkeypatch.delenv(key)
