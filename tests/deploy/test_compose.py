@@ -269,4 +269,6 @@ def test_gateway_config_mirrors_make_serve(compose, monkeypatch: pytest.MonkeyPa
     in_compose = [model.model_dump(include={"name", "model_path", "default_variant", "artifacts"})
                   for model in settings.models]
     expected = [{**model, "model_path": Path(model["model_path"])} for model in native]
-    assert in_compose == expected
+    assert in_compose == expected, (
+        "deploy/gateway/config.yaml (and the ConfigMap in deploy/k8s/gateway.yaml) must serve the models and "
+        "variants `make serve` serves: when a trained artifact is committed under artifacts/, add it there")
