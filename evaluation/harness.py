@@ -1,0 +1,112 @@
+"""One evaluation run, end to end: sets, variants, answers, harm verdicts, report files.
+
+`evaluate(config, command)` is what `dro-eval` calls; tests call it too. It binds the run
+directory to the config's generation fingerprint (so a rerun resumes instead of mixing settings),
+sends what is missing, and writes results.md / results.json / tradeoff.png.
+This module wires the others together and holds no metric or HTTP logic of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.judge import get_judge
+
+from evaluation import report as reporting
+from evaluation.cache import ResultCache, bind_run_dir
+from evaluation.client import ChatClient
+from evaluation.config import EvalConfig
+from evaluation.guard import HarmGuard
+from evaluation.querysets import QuerySet, load_builtin_set, parse_custom_set
+from evaluation.runner import (
+    Budget,
+    answer_worker,
+    check_cached_queries,
+    guard_worker,
+    plan_answers,
+    plan_guard,
+    run_pending,
+)
+from evaluation.targets import DirectTarget, GatewayTarget, Target, resolve_gateway_variants
+
+ANSWERS_FILE = "answers.jsonl"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    report: dict[str, Any]
+    paths: dict[str, Path]
+    sent_answers: int
+    sent_guard: int
+    finished: bool
+
+
+def load_sets(config: EvalConfig) -> list[QuerySet]:
+    sets = [load_builtin_set(name, config.data_dir) for name in config.sets]
+    sets += [parse_custom_set(spec) for spec in config.custom_sets]
+    names = [query_set.name for query_set in sets]
+    if len(names) != len(set(names)):
+        raise ValueError(f"a set is named twice: {names}")
+    return [query_set.head(config.limit) for query_set in sets]
+
+
+def build_target(config: EvalConfig, client: ChatClient) -> Target:
+    served = client.list_models()
+    if config.mode == "gateway":
+        return GatewayTarget(config.model, resolve_gateway_variants(config.model, config.variants, served))
+    if config.model not in served:
+        raise ValueError(f"the server at {client.base_url} does not serve {config.model!r}; it serves: "
+                         f"{', '.join(served)}")
+    return DirectTarget(config.model, config.variants, config.artifacts)
+
+
+def guard_file(guard_model: str) -> str:
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in guard_model)
+    return f"guard-{safe}.jsonl"
+
+
+def evaluate(config: EvalConfig, command: str) -> RunResult:
+    """Run (or resume) the evaluation described by `config`; `command` is printed for reproduction."""
+    judge = get_judge(config.judge)
+    sets = load_sets(config)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    budget = Budget(config.max_requests)
+    with ChatClient(config.base_url, api_key=config.api_key, timeout_s=config.timeout_s,
+                    max_connections=config.concurrency) as client:
+        target = build_target(config, client)
+        bind_run_dir(config.run_dir, config.fingerprint())
+        answers = ResultCache(config.run_dir / ANSWERS_FILE)
+        items = plan_answers(sets, target.variants, config)
+        check_cached_queries(items, answers)
+        sent_answers = run_pending(items, answers, answer_worker(client, target, config),
+                                   concurrency=config.concurrency, budget=budget, description="answers")
+        guard_cache: ResultCache | None = None
+        sent_guard = 0
+        guard_name = None
+        if config.guard is not None:
+            guard_client = ChatClient(config.guard.base_url, api_key=config.guard.api_key,
+                                      timeout_s=config.timeout_s, max_connections=config.concurrency)
+            with guard_client:
+                guard = HarmGuard(config.guard, guard_client)
+                guard_name = guard.name
+                guard_cache = ResultCache(config.run_dir / guard_file(config.guard.model))
+                sent_guard = run_pending(plan_guard(items, answers), guard_cache, guard_worker(guard, answers),
+                                         concurrency=config.concurrency, budget=budget, description="harm judge")
+    judges = reporting.Judges(judge, guard_name)
+    rows = reporting.summarise(sets, target.variants, config, answers, guard_cache, judges)
+    finished = all(row["complete_queries"] == row["queries"] for row in rows)
+    report = {
+        "command": command,
+        "config": config.public_dict(),
+        "variants": list(target.variants),
+        "sets": [{"name": s.name, "kind": s.kind, "queries": len(s.queries), "source": s.source} for s in sets],
+        "judges": {"refusal": judge.name, "harm": guard_name},
+        "paper_keep": config.kept_samples,
+        "finished": finished,
+        "rows": rows,
+        "tradeoff": reporting.pooled_tradeoff(rows, sets, target.variants, config, answers, guard_cache, judges),
+    }
+    paths = reporting.write_report(config.run_dir, report, chart=config.chart)
+    return RunResult(report, paths, sent_answers, sent_guard, finished)
