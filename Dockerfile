@@ -69,7 +69,9 @@ COPY gateway/ ./gateway/
 COPY trainer/ ./trainer/
 COPY evaluation/ ./evaluation/
 COPY data/ ./data/
-RUN pip install --no-cache-dir --no-deps . \
+# Editable: the trainer and evaluation find data/ relative to their source tree (/src), and the
+# trainer's defaults are relative to the working directory, /src.
+RUN pip install --no-cache-dir --no-deps -e . \
     && groupadd --gid 10001 trainer \
     && useradd --create-home --uid 10001 --gid 10001 trainer \
     && mkdir -p /runs && chown trainer:trainer /runs

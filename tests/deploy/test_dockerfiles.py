@@ -177,6 +177,9 @@ def test_trainer_target_installs_the_train_extra_and_runs_unprivileged(dockerfil
     assert set(PYPROJECT["project"]["optional-dependencies"]["train"]) <= set(requirements)
     assert_runs_unprivileged(trainer)
     assert trainer.last("ENTRYPOINT").exec_form() == ["python", "-m", "trainer"]
+    # evaluation.querysets finds data/ beside its package: only an editable install keeps it there.
+    assert any("pip install --no-cache-dir --no-deps -e ." in run.text for run in trainer.all("RUN"))
+    assert trainer.last("WORKDIR").text == "/src" and ["data/", "./data/"] in [c.words() for c in trainer.all("COPY")]
 
 
 def test_vllm_cpu_image_installs_what_the_native_setup_installs(vllm_cpu) -> None:
