@@ -55,6 +55,10 @@ Metrics: http://127.0.0.1:{port}/metrics   Ctrl-C stops everything.
 """
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8000)
@@ -63,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="a local Hugging Face chat model folder (default: the embedded SmolLM2)")
     args = parser.parse_args(argv)
+    # Ctrl-C and SIGTERM both stop everything; set explicitly because a shell that starts this in
+    # the background ignores SIGINT, and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
     from trainer.model_zoo import prepare_smollm2
 
@@ -82,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         gateway = start_gateway(config_path, port=args.port, host=args.host, log_path=run_dir / "gateway.log")
         variants = ["none", "default", "short", "mistral", *config["models"][0]["artifacts"]]
         print(usage(args.port, [MODEL_NAME, *(f"{MODEL_NAME}@{v}" for v in variants)]), flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while vllm.alive() and gateway.alive():
             time.sleep(1)
         print("A server exited; see the logs in runs/serve/.", file=sys.stderr)
