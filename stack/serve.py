@@ -22,13 +22,16 @@ MODEL_NAME = "smollm2-135m-instruct"
 DRO_ARTIFACT = REPO_ROOT / "artifacts" / MODEL_NAME / "dro"
 
 
-def gateway_config(model_dir: Path, vllm_port: int) -> dict:
-    artifacts = {"dro": str(DRO_ARTIFACT)} if (DRO_ARTIFACT / "manifest.json").is_file() else {}
+def gateway_config(model: str, name: str, vllm_port: int, *, with_dro: bool) -> dict:
+    """Gateway settings for one model. The committed DRO artifact belongs to the embedded default
+    only (`with_dro`); a local model folder is given as model_path so artifacts are validated."""
+    artifacts = {"dro": str(DRO_ARTIFACT)} if with_dro and (DRO_ARTIFACT / "manifest.json").is_file() else {}
     return {
         "upstream_urls": [f"http://127.0.0.1:{vllm_port}"],
         "models": [{
-            "name": MODEL_NAME,
-            "model_path": str(model_dir),
+            "name": name,
+            "upstream_model": name,
+            "model_path": model if Path(model).is_dir() else None,
             "default_variant": "dro" if artifacts else "default",
             "artifacts": artifacts,
         }],
@@ -64,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--vllm-port", type=int, default=8001)
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="a local Hugging Face chat model folder (default: the embedded SmolLM2)")
+    parser.add_argument("--model", default=None,
+                        help="a local Hugging Face chat-model folder, or a hub id where a hub is reachable "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--name", default=MODEL_NAME, help="public model id the gateway serves it as")
     args = parser.parse_args(argv)
     # Ctrl-C and SIGTERM both stop everything; set explicitly because a shell that starts this in
     # the background ignores SIGINT, and Python then installs no KeyboardInterrupt handler.
@@ -77,19 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = REPO_ROOT / "runs" / "serve"
     run_dir.mkdir(parents=True, exist_ok=True)
     print("Preparing the model (the first run converts SmolLM2 from its GGUF, ~20 s)...", flush=True)
-    model_dir = args.model_dir or prepare_smollm2()
+    model = args.model or str(prepare_smollm2())
     print(f"Starting vLLM (CPU) on 127.0.0.1:{args.vllm_port}; log: {run_dir / 'vllm.log'}", flush=True)
-    vllm = start_vllm(model_dir, served_model_name=MODEL_NAME, port=args.vllm_port,
+    vllm = start_vllm(model, served_model_name=args.name, port=args.vllm_port,
                       log_path=run_dir / "vllm.log", timeout_s=600)
     gateway = None
     try:
-        config = gateway_config(model_dir, args.vllm_port)
+        config = gateway_config(model, args.name, args.vllm_port, with_dro=args.model is None)
         config_path = run_dir / "gateway.yaml"
         config_path.write_text(yaml.safe_dump(config))
         print(f"Starting the gateway on {args.host}:{args.port}; log: {run_dir / 'gateway.log'}", flush=True)
         gateway = start_gateway(config_path, port=args.port, host=args.host, log_path=run_dir / "gateway.log")
         variants = ["none", "default", "short", "mistral", *config["models"][0]["artifacts"]]
-        print(usage(args.port, [MODEL_NAME, *(f"{MODEL_NAME}@{v}" for v in variants)]), flush=True)
+        print(usage(args.port, [args.name, *(f"{args.name}@{v}" for v in variants)]), flush=True)
         while vllm.alive() and gateway.alive():
             time.sleep(1)
         print("A server exited; see the logs in runs/serve/.", file=sys.stderr)
