@@ -88,7 +88,7 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str, int]] = [
      "Requests accepted by the gateway and not yet finished.", 8),
     ("Loaded soft-prompt artifacts", "table", "short",
      [('dro_gateway_artifact_info{model=~"$model"}', "artifact")],
-     "One row per model and variant the gateway serves; origin `text` is a human prompt.", 8),
+     "One row per soft-prompt artifact the gateway loaded: model, variant, origin, rows, template hash.", 8),
     ("vLLM queue", "timeseries", "short",
      [("sum by (model_name) (vllm:num_requests_running)", "running {{model_name}}"),
       ("sum by (model_name) (vllm:num_requests_waiting)", "waiting {{model_name}}")],
