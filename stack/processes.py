@@ -155,14 +155,14 @@ def start_vllm(model_dir: str | Path, *, served_model_name: str, port: int, log_
 
 
 def start_gateway(config_path: Path, *, port: int, log_path: Path, host: str = "127.0.0.1",
-                  timeout_s: float = 60.0, env: dict[str, str] | None = None) -> ManagedProcess:
+                  timeout_s: float = 60.0, env: dict[str, str] | None = None, workers: int = 1) -> ManagedProcess:
     """Start the gateway (`python -m gateway`) from a YAML config and wait for /ready."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env["GATEWAY_CONFIG"] = str(config_path)
     proc = ManagedProcess(
         name="gateway",
-        command=[sys.executable, "-m", "gateway", "--host", host, "--port", str(port)],
+        command=[sys.executable, "-m", "gateway", "--host", host, "--port", str(port), "--workers", str(workers)],
         log_path=log_path,
         env=full_env,
     ).start()

@@ -84,7 +84,8 @@ def gateway_factory(vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFa
 
     started: list[ManagedProcess] = []
 
-    def start(models: list[dict] | None = None, env: dict[str, str] | None = None, **settings) -> GatewayServer:
+    def start(models: list[dict] | None = None, env: dict[str, str] | None = None, workers: int = 1,
+              **settings) -> GatewayServer:
         config = {
             "upstream_urls": [vllm_server.base_url],
             "models": models if models is not None else [default_model_config(vllm_server)],
@@ -94,7 +95,7 @@ def gateway_factory(vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFa
         config_path = folder / "config.yaml"
         config_path.write_text(yaml.safe_dump(config))
         port = free_port()
-        process = start_gateway(config_path, port=port, log_path=folder / "gateway.log", env=env)
+        process = start_gateway(config_path, port=port, log_path=folder / "gateway.log", env=env, workers=workers)
         started.append(process)
         return GatewayServer(process, port, config)
 
