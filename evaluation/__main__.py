@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens-harmful", type=int, default=300)
     gen.add_argument("--max-tokens-harmless", type=int, default=200)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--full-greedy-answers", dest="stop_greedy_when_judged", action="store_false",
+                     help="generate greedy answers to max tokens instead of stopping once the refusal "
+                          "judges' windows are closed (the verdicts are the same either way)")
     judging = parser.add_argument_group("judges")
     judging.add_argument("--judge", default=None, help="refusal judge (default: gateway.judge.DEFAULT_JUDGE)")
     judging.add_argument("--guard-url", default=None, help="OpenAI-compatible URL of a Llama-Guard-style model")
@@ -105,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         max_tokens_harmful=args.max_tokens_harmful, max_tokens_harmless=args.max_tokens_harmless,
         seed=args.seed, judge=args.judge or DEFAULT_JUDGE, guard=guard, api_key=_secret(args.api_key_env),
         concurrency=args.concurrency, timeout_s=args.timeout_s, max_requests=args.max_requests,
-        data_dir=args.data_dir, chart=args.chart)
+        data_dir=args.data_dir, chart=args.chart, stop_greedy_when_judged=args.stop_greedy_when_judged)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, QuerySetError, TargetError, CacheError, EvalRequestError, ValueError) as exc:
         print(f"dro-eval: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dro-eval: interrupted; every finished request is cached: rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        # Exit now: a normal exit would join the worker threads, i.e. wait for requests in flight.
+        os._exit(130)
     print(render_markdown(result.report))
     for kind, path in result.paths.items():
         print(f"{kind}: {path}", file=sys.stderr)

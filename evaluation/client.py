@@ -8,8 +8,10 @@ This module knows nothing about variants, sets or metrics.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 
@@ -99,6 +101,62 @@ class ChatClient:
             raise EvalRequestError(f"POST {self.base_url}/chat/completions: unexpected answer {str(data)[:200]}") from None
         usage = data.get("usage") or {}
         return Completion(text, choice.get("finish_reason"), usage.get("completion_tokens"))
+
+
+    def stream_until(self, body: dict, done: Callable[[str], bool]) -> Completion:
+        """Stream an answer and hang up as soon as `done(text so far)` holds.
+
+        Hanging up closes the connection; the gateway (and vLLM) then abort the generation, so
+        tokens that cannot change a verdict are never computed. finish_reason is "judged" then.
+        Connection failures before the first byte are retried like `complete`.
+        """
+        last_problem = ""
+        for attempt in range(self._retries + 1):
+            if attempt:
+                time.sleep(self._backoff_s * 2 ** (attempt - 1))
+            try:
+                return self._stream_once(body | {"stream": True}, done)
+            except _Retryable as exc:
+                last_problem = str(exc)
+        raise EvalRequestError(f"POST {self.base_url}/chat/completions (stream) failed after "
+                               f"{self._retries + 1} attempts: {last_problem}")
+
+    def _stream_once(self, body: dict, done: Callable[[str], bool]) -> Completion:
+        parts: list[str] = []
+        finish_reason: str | None = None
+        try:
+            with self._http.stream("POST", "/chat/completions", json=body) as response:
+                if response.status_code in RETRY_STATUSES:
+                    response.read()
+                    raise _Retryable(f"HTTP {response.status_code}: {_error_message(response)}")
+                if response.status_code != 200:
+                    response.read()
+                    raise EvalRequestError(f"POST {self.base_url}/chat/completions -> HTTP "
+                                           f"{response.status_code}: {_error_message(response)}")
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[len("data:"):].strip()
+                    if payload == "[DONE]":
+                        break
+                    event = json.loads(payload)
+                    if "error" in event:
+                        raise EvalRequestError(f"stream error: {str(event['error'])[:300]}")
+                    for choice in event.get("choices") or []:
+                        parts.append((choice.get("delta") or {}).get("content") or "")
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                    if done("".join(parts)):
+                        finish_reason = "judged"
+                        break
+        except httpx.TransportError as exc:
+            if parts:
+                raise EvalRequestError(f"stream cut after {len(parts)} events: {exc}") from None
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+        return Completion("".join(parts), finish_reason, None)
+
+
+class _Retryable(Exception):
+    """A stream that failed before any content and may be retried."""
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -61,6 +61,10 @@ class EvalConfig:
     max_requests: int | None = None
     data_dir: Path = DEFAULT_DATA_DIR
     chart: bool = True
+    # Greedy answers only feed refusal verdicts: stream them and stop once every judge's window
+    # is closed (the verdict can no longer change). Sampled answers are always generated in full
+    # (the paper metric ranks them by length and the harm judge reads them whole).
+    stop_greedy_when_judged: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("gateway", "direct"):
@@ -110,6 +114,7 @@ class EvalConfig:
             "artifacts": {name: str(path) for name, path in sorted(self.artifacts.items())},
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
             "min_tokens": self.min_tokens, "max_tokens_harmful": self.max_tokens_harmful,
+            "stop_greedy_when_judged": self.stop_greedy_when_judged,
             "max_tokens_harmless": self.max_tokens_harmless, "seed": self.seed,
         }
 

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
+from gateway.judge import JUDGES
+
 from evaluation.cache import CacheError, Key, ResultCache
 from evaluation.client import ChatClient
 from evaluation.config import GREEDY, EvalConfig, sample_seed
@@ -112,41 +114,57 @@ def run_pending(items: Iterable[WorkItem], cache: ResultCache, work: Callable[[W
     progress = tqdm(total=len(pending), desc=description, unit="req", dynamic_ncols=True)
     queue = iter(pending)
     in_flight: dict[Future, WorkItem] = {}
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        try:
-            while True:
-                while failure is None and len(in_flight) < concurrency and budget.take():
-                    item = next(queue, None)
-                    if item is None:
-                        if budget.left is not None:
-                            budget.left += 1  # not used after all
-                        break
-                    in_flight[pool.submit(work, item)] = item
-                if not in_flight:
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+    interrupted = False
+    try:
+        while True:
+            while failure is None and len(in_flight) < concurrency and budget.take():
+                item = next(queue, None)
+                if item is None:
+                    if budget.left is not None:
+                        budget.left += 1  # not used after all
                     break
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    item = in_flight.pop(future)
-                    try:
-                        cache.append(item.record_head() | future.result())
-                        sent += 1
-                        progress.update(1)
-                    except Exception as exc:  # noqa: BLE001 - re-raised below, after in-flight work lands
-                        failure = failure or exc
-        except BaseException:
-            for future in in_flight:
-                future.cancel()
-            raise
-        finally:
-            progress.close()
+                in_flight[pool.submit(work, item)] = item
+            if not in_flight:
+                break
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                item = in_flight.pop(future)
+                try:
+                    cache.append(item.record_head() | future.result())
+                    sent += 1
+                    progress.update(1)
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after in-flight work lands
+                    failure = failure or exc
+    except BaseException:
+        # Ctrl-C: do not wait for requests in flight (they may take minutes); what has landed is
+        # in the cache, and the caller exits without joining the workers.
+        interrupted = True
+        raise
+    finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
+        progress.close()
     if failure is not None:
         raise failure
     return sent
 
 
+def all_windows_closed() -> Callable[[str], bool]:
+    """A test that holds once no registered refusal judge can change its verdict by reading more.
+    Checking every judge (not only the run's) keeps early-stopped answers re-judgeable by any."""
+    judges = [factory() for factory in JUDGES.values()]
+    return lambda text: all(judge.window_closed(text) for judge in judges)
+
+
 def answer_worker(client: ChatClient, target: Target, config: EvalConfig) -> Callable[[WorkItem], dict[str, Any]]:
+    judged = all_windows_closed()
+
     def work(item: WorkItem) -> dict[str, Any]:
-        completion = client.complete(target.build_body(item.variant, item.query, answer_params(item, config)))
+        body = target.build_body(item.variant, item.query, answer_params(item, config))
+        if item.sample == GREEDY and config.stop_greedy_when_judged:
+            completion = client.stream_until(body, judged)
+        else:
+            completion = client.complete(body)
         return {"text": completion.text, "finish_reason": completion.finish_reason,
                 "completion_tokens": completion.completion_tokens}
     return work

@@ -211,3 +211,17 @@ def test_cli_errors_are_clear(vllm_server, tmp_path: Path, capsys: pytest.Captur
     assert main([*common, "--model", vllm_server.served_name, "--mode", "direct", "--variants", "none",
                  "--sets", "nope"]) == 2
     assert "unknown set 'nope'" in capsys.readouterr().err
+
+
+def test_streamed_answer_stops_when_told_and_is_a_prefix_of_the_full_answer(vllm_server) -> None:
+    from evaluation.client import ChatClient
+
+    body = {"model": vllm_server.served_name, "messages": [{"role": "user", "content": "Tell me a story."}],
+            "temperature": 0.0, "max_tokens": 24}
+    with ChatClient(vllm_server.base_url) as client:
+        full = client.complete(body)
+        streamed_full = client.stream_until(body, lambda text: False)
+        stopped = client.stream_until(body, lambda text: len(text.split()) >= 3)
+    assert streamed_full.text == full.text and streamed_full.finish_reason == "length"
+    assert stopped.finish_reason == "judged"
+    assert full.text.startswith(stopped.text) and 3 <= len(stopped.text.split()) < len(full.text.split())
