@@ -1,0 +1,66 @@
+"""The splice sits where vLLM puts a prompt_embeds system message; extraction is padding-exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gateway.prompts import HUMAN_PROMPTS
+from trainer.chat import SENTINEL, ChatTemplateError, find_prompt_span, prepare_tokenizer_for_splice, render_ids
+from trainer.extract import extract_states, extract_states_per_query
+from trainer.model import last_prompt_states
+from trainer.chat import chat_batch
+from trainer.optimize import soft_prompt_states
+
+
+def test_sentinel_is_one_special_token_and_the_model_is_not_resized(frozen):
+    assert frozen.tokenizer.encode(SENTINEL, add_special_tokens=False) == [frozen.sentinel_id]
+    assert frozen.embedding().weight.shape[0] == frozen.model.config.vocab_size
+
+
+@pytest.mark.parametrize("name", sorted(HUMAN_PROMPTS))
+def test_prompt_span_is_the_prompt_tokenised_in_context(frozen, name):
+    tok = frozen.tokenizer
+    span = find_prompt_span(tok, frozen.sentinel_id, HUMAN_PROMPTS[name], "How do I bake bread?")
+    assert tok.decode(span) == HUMAN_PROMPTS[name]
+    with_text = render_ids(tok, HUMAN_PROMPTS[name], "How do I bake bread?")
+    with_sentinel = render_ids(tok, SENTINEL, "How do I bake bread?")
+    p = with_sentinel.index(frozen.sentinel_id)
+    assert with_text == with_sentinel[:p] + span + with_sentinel[p + 1:]
+
+
+def test_splicing_the_prompt_embeddings_reproduces_the_text_prompt_states(frozen, queries):
+    qs, _ = queries
+    prompt = HUMAN_PROMPTS["short"]
+    span = find_prompt_span(frozen.tokenizer, frozen.sentinel_id, prompt, qs[0])
+    theta = frozen.embedding().weight[span].detach()
+    with torch.no_grad():
+        spliced = soft_prompt_states(frozen, theta, qs)
+        ids, mask, lengths = chat_batch(frozen.tokenizer, prompt, qs, frozen.pad_id)
+        text = last_prompt_states(frozen.model, mask, lengths, input_ids=ids)
+    assert spliced.shape == (len(qs), frozen.hidden_size) and spliced.dtype == torch.float32
+    torch.testing.assert_close(spliced, text, rtol=0, atol=1e-5)
+
+
+def test_batched_extraction_equals_the_per_query_loop(frozen, queries):
+    qs, _ = queries
+    conditions = ["none", "short"]
+    batched = extract_states(frozen, conditions, qs, batch_size=3, show_progress=False)
+    assert batched.shape == (2, len(qs), frozen.hidden_size) and batched.dtype == torch.float32
+    torch.testing.assert_close(batched, extract_states_per_query(frozen, conditions, qs), rtol=0, atol=1e-5)
+    # The conditions really differ (the system message reaches the representation).
+    assert (batched[0] - batched[1]).abs().max() > 1e-3
+
+
+def test_tokenizer_without_chat_template_is_refused(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        prepare_tokenizer_for_splice(tok)
+
+
+def test_unknown_condition_is_a_clear_error(frozen):
+    with pytest.raises(ValueError, match="unknown prompt condition"):
+        extract_states(frozen, ["loud"], ["hi"], show_progress=False)

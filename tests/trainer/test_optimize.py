@@ -1,0 +1,97 @@
+"""The DRO objective at step 0, its descent, the probe shift it buys, determinism, micro-batching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gateway.prompts import HUMAN_PROMPTS
+from trainer.chat import find_prompt_span
+from trainer.extract import extract_states
+from trainer.fit import ProbeRecipe, fit_pca, fit_probes
+from trainer.optimize import (DroGeometry, LossWeights, Schedule, dro_loss_terms, optimize_soft_prompt,
+                              soft_prompt_states)
+from trainer.pipeline import paper_order
+
+PROMPT = "short"
+
+
+@pytest.fixture(scope="module")
+def setup(frozen, queries):
+    """Geometry fitted on the tiny model's states (4 conditions), reference states, θ0."""
+    qs, harmless = queries
+    states = extract_states(frozen, ["none", "default", "short", "mistral"], qs, batch_size=8, show_progress=False)
+    x = paper_order(states, harmless)
+    pca = fit_pca(x, 4)
+    coords = pca.project(x)
+    # Synthetic refusal labels that track harmfulness (the tiny random model does not refuse).
+    y_refusal = paper_order(harmless.expand(4, -1) * 0.8 + 0.1, harmless)
+    refusal, harmfulness = fit_probes(coords, y_refusal, paper_order(harmless.expand(4, -1), harmless),
+                                      ProbeRecipe(lr=5e-2, num_folds=4, max_steps=300))
+    geometry = DroGeometry(pca.components, refusal.weight, harmfulness.weight)
+    reference = states[2]  # the `short` condition = h(x, P)
+    span = find_prompt_span(frozen.tokenizer, frozen.sentinel_id, HUMAN_PROMPTS[PROMPT], qs[0])
+    theta0 = frozen.embedding().weight[span].detach().clone()
+    return geometry, reference, theta0
+
+
+def test_step_zero_losses_are_ln2_and_zero_when_theta_is_the_human_prompt(frozen, queries, setup):
+    qs, harmless = queries
+    geometry, reference, theta0 = setup
+    with torch.no_grad():
+        terms = dro_loss_terms(soft_prompt_states(frozen, theta0, qs), reference, harmless, geometry)
+    assert terms["refusal"].shape == (len(qs),) and terms["refusal"].dtype == torch.float32
+    assert abs(float(terms["refusal"].mean()) - math.log(2)) < 1e-4
+    assert abs(float(terms["harmfulness"].mean()) - math.log(2)) < 1e-4
+    assert float(terms["off_subspace"].mean()) < 1e-8
+
+
+def run(frozen, queries, setup, **schedule):
+    qs, harmless = queries
+    geometry, reference, theta0 = setup
+    settings = dict(lr=2e-2, batch_size=8, micro_batch_size=8, epochs=6, seed=42) | schedule
+    return optimize_soft_prompt(frozen, qs, harmless, reference, theta0, geometry, LossWeights(),
+                                Schedule(**settings), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(frozen, queries, setup):
+    return run(frozen, queries, setup)
+
+
+def test_loss_falls_and_the_refusal_score_moves_the_right_way(frozen, queries, setup, trained):
+    qs, harmless = queries
+    geometry, reference, theta0 = setup
+    theta, history = trained
+    assert theta.shape == theta0.shape and theta.dtype == torch.float32
+    assert len(history) == 6 and history[-1]["loss"] < history[0]["loss"] - 0.01
+    with torch.no_grad():
+        delta = soft_prompt_states(frozen, theta, qs) - reference
+    refusal_score = -(delta @ geometry.pca_components @ geometry.refusal_weight)  # up = toward refusal
+    assert float(refusal_score[harmless < 0.5].mean()) > 0  # harmful: more refusal
+    assert float(refusal_score[harmless > 0.5].mean()) < 0  # harmless: less refusal
+
+
+def test_training_is_deterministic_under_a_fixed_seed(frozen, queries, setup, trained):
+    again, history = run(frozen, queries, setup)
+    assert torch.equal(again, trained[0])
+    assert [h["loss"] for h in history] == [h["loss"] for h in trained[1]]
+
+
+def test_micro_batches_give_the_same_update(frozen, queries, setup, trained):
+    split, _ = run(frozen, queries, setup, micro_batch_size=3, epochs=1)
+    whole, _ = run(frozen, queries, setup, epochs=1)
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-5)
+
+
+def test_zero_weight_disables_a_term(frozen, queries, setup):
+    qs, harmless = queries
+    geometry, reference, theta0 = setup
+    only_drift, history = optimize_soft_prompt(
+        frozen, qs, harmless, reference, theta0, geometry, LossWeights(0.0, 0.0, 1.0),
+        Schedule(lr=1e-2, batch_size=8, micro_batch_size=8, epochs=1), show_progress=False)
+    # Only L_U, which is 0 at θ0 with zero gradient: θ stays (weight decay aside) where it started.
+    assert history[0]["loss"] < 1e-8
+    torch.testing.assert_close(only_drift, theta0 * (1 - 1e-2 * 0.01), rtol=0, atol=1e-6)

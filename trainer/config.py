@@ -1,0 +1,124 @@
+"""Typed configuration: one pydantic model per stage, validated up front, saved into the run and the artifact.
+
+The defaults are the paper's (authors' `generate.py`, `evaluate.py`, `estimate.py`, `train.py`).
+Loss ablations are weights (0 disables a term), not flags. Nothing here is read at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.prompts import PROMPT_CONDITIONS
+
+Condition = Literal["none", "default", "short", "mistral"]
+HumanPrompt = Literal["default", "short", "mistral"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(_Strict):
+    """Two query files of equal length: harmful (y = 0) and harmless (y = 1).
+
+    `.csv` files are read by `column` (JBB-Behaviors: `goal`); any other file is one query a line.
+    """
+
+    harmful_file: Path = Path("data/jbb_behaviors/harmful-behaviors.csv")
+    harmless_file: Path = Path("data/jbb_behaviors/benign-behaviors.csv")
+    column: str = "goal"
+    limit: int | None = Field(default=None, gt=0, description="use only the first N queries of each file")
+
+
+class LabelConfig(_Strict):
+    backend: Literal["vllm", "hf"] = "vllm"
+    vllm_url: str | None = Field(default=None, description="base URL of an OpenAI-compatible vLLM server")
+    served_model_name: str | None = None
+    conditions: tuple[Condition, ...] = PROMPT_CONDITIONS  # type: ignore[assignment]
+    judge: str = "paper"
+    num_samples: int = Field(default=25, gt=0)
+    num_keep: int = Field(default=20, gt=0, description="keep the N longest samples (whitespace words)")
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    top_k: int = 50
+    min_new_tokens: int = Field(default=10, ge=0)
+    max_new_tokens_harmful: int = Field(default=300, gt=0)
+    max_new_tokens_harmless: int = Field(default=200, gt=0)
+    # Deviation when True: stop a sample once the judge's window is closed (verdict final); the
+    # "keep the longest" selection then sees truncated lengths.
+    stop_when_judged: bool = False
+    seed: int = 0
+    concurrency: int = Field(default=8, gt=0, description="requests in flight (vLLM backend)")
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _keep_le_samples(self) -> "LabelConfig":
+        if self.num_keep > self.num_samples:
+            raise ValueError(f"num_keep ({self.num_keep}) > num_samples ({self.num_samples})")
+        if not self.conditions or len(set(self.conditions)) != len(self.conditions):
+            raise ValueError("conditions must be non-empty and distinct")
+        return self
+
+
+class ExtractConfig(_Strict):
+    batch_size: int = Field(default=16, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class BalanceConfig(_Strict):
+    """When refusal labels cannot support a refusal direction (checked before fitting)."""
+
+    min_refusal_rate: float = Field(default=0.05, ge=0, le=1, description="mean refusal over all states, lower bound")
+    max_refusal_rate: float = Field(default=0.95, ge=0, le=1)
+    min_harmful_margin: float = Field(
+        default=0.05, description="harmful refusal rate minus harmless refusal rate must reach this")
+
+
+class FitConfig(_Strict):
+    num_components: int = Field(default=4, gt=0)
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    max_steps: int = Field(default=10000, gt=0)
+    patience: int = Field(default=3, gt=0)
+    min_delta: float = 1e-4
+    num_folds: int = Field(default=10, gt=1)
+    seed: int = 42
+    balance: BalanceConfig = BalanceConfig()
+    force: bool = Field(default=False, description="fit even when the label-balance check fails (artifact marked forced)")
+
+
+class OptimizeConfig(_Strict):
+    init_prompt: HumanPrompt = "default"
+    weight_refusal: float = Field(default=1.0, ge=0)
+    weight_harmfulness: float = Field(default=0.01, ge=0)
+    weight_off_subspace: float = Field(default=0.001, ge=0)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    batch_size: int = Field(default=50, gt=0)
+    micro_batch_size: int = Field(default=10, gt=0, description="gradient accumulation chunk (memory only)")
+    epochs: int = Field(default=40, gt=0)
+    seed: int = 42
+
+
+class ExportConfig(_Strict):
+    name: str = "dro"
+    artifact_dir: Path | None = Field(default=None, description="default: <run_dir>/artifact")
+    plots: bool = True
+
+
+class RunConfig(_Strict):
+    model_dir: Path
+    base_model: str | None = Field(default=None, description="name recorded in the manifest (default: folder name)")
+    run_dir: Path
+    torch_threads: int | None = Field(
+        default=None, gt=0, description="torch intra-op threads (1 is much faster on a crowded CPU)")
+    data: DataConfig = DataConfig()
+    label: LabelConfig = LabelConfig()
+    extract: ExtractConfig = ExtractConfig()
+    fit: FitConfig = FitConfig()
+    optimize: OptimizeConfig = OptimizeConfig()
+    export: ExportConfig = ExportConfig()

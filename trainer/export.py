@@ -1,0 +1,80 @@
+"""Export stage: the run's outputs -> one gateway artifact (`gateway.artifact.save_artifact`, atomic).
+
+The manifest records the configs, data hashes, label balance, fit and training metrics, stage
+timings and `forced`. The chat-template hash is the one `gateway.artifact.read_model_info` computes
+from the model folder; export checks that the tokenizer the trainer used carries the same template,
+so the gateway accepts the artifact for exactly the model it was trained on.
+Knows the run-directory layout (via `trainer.store`) and the artifact format; no training maths.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from gateway.artifact import Manifest, read_model_info, save_artifact, sha256_text
+from trainer import store
+from trainer.config import RunConfig
+from trainer.data import load_training_queries
+
+ARTIFACT_TENSORS = ("pca_mean", "pca_components", "refusal_weight", "refusal_bias",
+                    "harmfulness_weight", "harmfulness_bias")
+
+
+def check_template_hash(model_dir: Path) -> str | None:
+    """read_model_info's hash, verified against the template transformers loads for the trainer."""
+    from transformers import AutoTokenizer
+
+    info = read_model_info(model_dir)
+    template = AutoTokenizer.from_pretrained(model_dir).chat_template
+    trainer_hash = sha256_text(template) if isinstance(template, str) else None
+    if trainer_hash != info.chat_template_sha256:
+        raise ValueError(f"chat template of {model_dir} as the trainer loads it (sha256 {trainer_hash}) differs "
+                         f"from the one the gateway reads ({info.chat_template_sha256})")
+    return info.chat_template_sha256
+
+
+def run_export(config: RunConfig, key: dict) -> Path:
+    run_dir = config.run_dir
+    target = config.export.artifact_dir or run_dir / "artifact"
+    if store.stage_done(run_dir, "export", key) and (target / "manifest.json").is_file():
+        return target
+    started = time.monotonic()
+    data = load_training_queries(config.data)
+    directions = store.read_tensors(run_dir / "directions.safetensors")
+    optimized = store.read_tensors(run_dir / "soft_prompt.safetensors")
+    fit, optimize = store.read_json(run_dir / "fit.json"), store.read_json(run_dir / "optimize.json")
+    soft = optimized["soft_prompt"].float()
+    history = optimize["history"]
+    timings = {stage: store.stage_seconds(run_dir, stage) for stage in ("label", "extract", "fit", "optimize")}
+    info = read_model_info(config.model_dir)
+    manifest = Manifest(
+        name=config.export.name,
+        base_model=config.base_model or config.model_dir.name,
+        hidden_size=int(soft.shape[1]),
+        num_virtual_tokens=int(soft.shape[0]),
+        chat_template_sha256=check_template_hash(config.model_dir),
+        dtype="float32",
+        origin="dro-trainer",
+        init_prompt=config.optimize.init_prompt,
+        forced=bool(fit["forced"]),
+        configs=config.model_dump(mode="json"),
+        data_hashes=data.hashes,
+        metrics={
+            "label_balance": fit["balance"], "failed_balance_checks": fit["failed_checks"],
+            "pca_explained_variance_ratio": fit["explained_variance_ratio"],
+            "refusal_probe_accuracy": fit["refusal_accuracy"],
+            "harmfulness_probe_accuracy": fit["harmfulness_accuracy"],
+            "loss_first": history[0], "loss_last": history[-1], "steps": len(history),
+            "score_shift": optimize["score_shift"], "stage_seconds": timings,
+        },
+        notes=f"model hidden size {info.hidden_size}; trained by python -m trainer",
+    )
+    tensors = {"soft_prompt": soft, **{name: directions[name].float() for name in ARTIFACT_TENSORS}}
+    save_artifact(target, manifest, tensors)
+    if config.export.plots:
+        from trainer.report import write_plots
+
+        write_plots(run_dir, run_dir / "plots")
+    store.mark_done(run_dir, "export", key, time.monotonic() - started)
+    return target

@@ -1,0 +1,174 @@
+"""Fit stage: PCA of the hidden states and the refusal / harmfulness logistic probes in PCA space.
+
+Follows the authors' `estimate.py` exactly where it matters for DRO's loss scale:
+- PCA with k components on all states, centred, not scaled (exact SVD in float64; sklearn's
+  `PCA(4, random_state=42)` uses randomised SVD at the paper's size, which agrees to numerical
+  precision on the subspace). Components are sign-normalised (largest-|entry| positive).
+- each probe is `nn.Linear(k, 1)` with PyTorch's default init (drawn from one torch generator
+  seeded 42, refusal folds first, then harmfulness folds, like the authors' global RNG), trained
+  full batch with BCE-with-logits and AdamW(lr 1e-4, weight decay 0.01); one step per "epoch";
+  early stopping on the held-out fold's BCE (improvement must exceed 1e-4; stop after 3 steps
+  without one; keep the best copy); at most 10000 steps;
+- 10 folds: indices shuffled by `random.Random(42)`, cut into consecutive folds; fold weights and
+  biases are averaged.
+Sign conventions (the paper's): refusal label 1 = complied (not refused); harmfulness label
+1 = harmless. So w_r points toward compliance, and the refusal direction is -w_r.
+
+Pure functions over tensors; knows nothing about models or files.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Pca:
+    """mean [hidden] float32, components [hidden, k] float32 (orthonormal columns), explained [k]."""
+
+    mean: torch.Tensor
+    components: torch.Tensor
+    explained_variance_ratio: torch.Tensor
+
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] -> [..., k] coordinates z = Uᵀ(h − μ)."""
+        return (states.float() - self.mean) @ self.components
+
+
+def fit_pca(states: torch.Tensor, num_components: int = 4) -> Pca:
+    """PCA of states [n, hidden] (centred, not scaled). Accumulates in float64 on purpose."""
+    if states.ndim != 2 or states.shape[0] < num_components + 1:
+        raise ValueError(f"PCA needs [n > {num_components}, hidden] states, got {tuple(states.shape)}")
+    x = states.double()
+    mean = x.mean(dim=0)
+    _, singular, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    components = vh[:num_components]  # [k, hidden]
+    # Deterministic sign: the largest-magnitude entry of each component is positive.
+    signs = torch.sign(components.gather(1, components.abs().argmax(dim=1, keepdim=True)))
+    components = components * signs
+    variance = singular**2
+    ratio = variance[:num_components] / variance.sum()
+    return Pca(mean=mean.float(), components=components.T.contiguous().float(),
+               explained_variance_ratio=ratio.float())
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A logistic probe in PCA space: logit = z · weight + bias. weight [k], bias [] (float32)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    fold_weights: torch.Tensor  # [folds, k]
+    fold_biases: torch.Tensor  # [folds]
+    fold_steps: list[int]
+    fold_heldout_bce: list[float]
+
+    def logits(self, coords: torch.Tensor) -> torch.Tensor:
+        return coords @ self.weight + self.bias
+
+
+@dataclass(frozen=True)
+class ProbeRecipe:
+    """The authors' recipe; every field is configurable from the fit config."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    max_steps: int = 10000
+    patience: int = 3
+    min_delta: float = 1e-4
+    num_folds: int = 10
+    seed: int = 42
+
+
+def fold_indices(n: int, num_folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(train, held-out) index lists: shuffle with random.Random(seed), consecutive folds."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    size = n // num_folds
+    if num_folds < 2 or size == 0:
+        raise ValueError(f"cannot cut {n} samples into {num_folds} folds")
+    return [(order[:i * size] + order[(i + 1) * size:], order[i * size:(i + 1) * size]) for i in range(num_folds)]
+
+
+def init_linear(k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """nn.Linear(k, 1)'s default init, drawn from `generator` (kaiming_uniform(a=√5) = U(±1/√k))."""
+    bound = 1.0 / math.sqrt(k)
+    weight = torch.empty(1, k).uniform_(-bound, bound, generator=generator)
+    bias = torch.empty(1).uniform_(-bound, bound, generator=generator)
+    return weight, bias
+
+
+def train_probe_folds(train_x: torch.Tensor, train_y: torch.Tensor, heldout_x: torch.Tensor,
+                      heldout_y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      recipe: ProbeRecipe) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
+    """The authors' `train_model`, for F independent folds at once.
+
+    train_x [F, n, k], train_y [F, n], heldout_x [F, m, k], heldout_y [F, m] float32; initial
+    weight [F, k], bias [F]. Summing the folds' mean BCEs gives each fold exactly its own gradient,
+    and AdamW is elementwise, so this equals F separate runs; it only saves Python overhead. A fold
+    stops after `patience` steps whose held-out BCE did not beat its best by `min_delta` (or at
+    `max_steps`); its best copy is returned. Returns (weights [F, k], biases [F], best steps, best BCEs).
+    """
+    folds = weight.shape[0]
+    weight = weight.clone().requires_grad_(True)
+    bias = bias.clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([weight, bias], lr=recipe.lr, weight_decay=recipe.weight_decay)
+    best_w, best_b = weight.detach().clone(), bias.detach().clone()
+    best_loss = torch.full((folds,), 1e5)
+    best_step = torch.zeros(folds, dtype=torch.long)
+    misses = torch.zeros(folds, dtype=torch.long)
+    active = torch.ones(folds, dtype=torch.bool)
+    step = 0
+    while bool(active.any()):
+        optimizer.zero_grad()
+        logits = torch.einsum("fnk,fk->fn", train_x, weight) + bias[:, None]
+        F.binary_cross_entropy_with_logits(logits, train_y, reduction="none").mean(dim=1).sum().backward()
+        optimizer.step()
+        step += 1
+        with torch.no_grad():
+            heldout_logits = torch.einsum("fmk,fk->fm", heldout_x, weight) + bias[:, None]
+            heldout = F.binary_cross_entropy_with_logits(heldout_logits, heldout_y, reduction="none").mean(dim=1)
+            improved = active & (heldout < best_loss - recipe.min_delta)
+            best_loss = torch.where(improved, heldout, best_loss)
+            best_w = torch.where(improved[:, None], weight.detach(), best_w)
+            best_b = torch.where(improved, bias.detach(), best_b)
+            best_step = torch.where(improved, step, best_step)
+            misses = torch.where(improved, 0, misses + active.long())
+            active = active & (misses < recipe.patience) & (step < recipe.max_steps)
+    return best_w, best_b, best_step.tolist(), best_loss.tolist()
+
+
+def fit_probe(coords: torch.Tensor, labels: torch.Tensor, recipe: ProbeRecipe,
+              generator: torch.Generator) -> Probe:
+    """Fold-averaged logistic probe. coords [n, k] float32, labels [n] float32 in [0, 1]."""
+    assert coords.ndim == 2 and labels.shape == (coords.shape[0],), (coords.shape, labels.shape)
+    coords, labels = coords.float(), labels.float()
+    folds = fold_indices(coords.shape[0], recipe.num_folds, recipe.seed)
+    inits = [init_linear(coords.shape[1], generator) for _ in folds]  # fold order = the authors' RNG order
+    train = torch.tensor([t for t, _ in folds])
+    heldout = torch.tensor([h for _, h in folds])
+    weight0 = torch.cat([w for w, _ in inits])  # [F, k]
+    bias0 = torch.cat([b for _, b in inits])  # [F]
+    fold_w, fold_b, steps, losses = train_probe_folds(coords[train], labels[train], coords[heldout],
+                                                      labels[heldout], weight0, bias0, recipe)
+    return Probe(weight=fold_w.mean(0), bias=fold_b.mean(0), fold_weights=fold_w, fold_biases=fold_b,
+                 fold_steps=steps, fold_heldout_bce=losses)
+
+
+def fit_probes(coords: torch.Tensor, refusal_labels: torch.Tensor, harmless_labels: torch.Tensor,
+               recipe: ProbeRecipe) -> tuple[Probe, Probe]:
+    """Refusal probe (label 1 = complied) then harmfulness probe (label 1 = harmless), one RNG stream."""
+    generator = torch.Generator().manual_seed(recipe.seed)
+    refusal = fit_probe(coords, refusal_labels, recipe, generator)
+    harmfulness = fit_probe(coords, harmless_labels, recipe, generator)
+    return refusal, harmfulness
+
+
+def probe_accuracy(probe: Probe, coords: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of samples whose predicted side (logit > 0) matches label > 0.5."""
+    return float(((probe.logits(coords) > 0) == (labels > 0.5)).float().mean())

@@ -1,0 +1,168 @@
+"""Label stage: sample answers per (condition, query), judge refusal, soft label = fraction complied.
+
+Paper recipe (authors' `generate.py`, `evaluate.py`): 25 samples at temperature 1.0, top_p 0.9,
+top_k 50, min 10 / max 300 (harmful) or 200 (harmless) new tokens; each sample is cut at eos,
+decoded without special tokens, stripped, and trailing unfinished lines are dropped; the 20
+longest (whitespace words) are kept and judged; label = share judged *not* a refusal (1 =
+complied). The paper's harmful-side LlamaGuard check is not reproduced (no LlamaGuard here): the
+judge alone decides, for harmful and harmless queries alike.
+
+Two samplers share that recipe: `sample_vllm` (an OpenAI-compatible vLLM server, streaming,
+requests in flight concurrently, one seeded request per sample) and `sample_hf` (HF `generate`,
+all samples of a query in one batched call). With `stop_when_judged` a sample stops as soon as the
+judge's window is closed (`Judge.window_closed`): the verdict is final, the tail is not generated.
+
+Knows nothing about hidden states or files (the pipeline persists and resumes records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass
+
+import httpx
+import torch
+
+from gateway.judge import Judge
+from trainer.chat import render_ids
+from trainer.config import LabelConfig
+from trainer.extract import system_text
+
+_LIST_ITEM_END = re.compile(r"\d\.$")
+
+
+def clean_response(text: str) -> str:
+    """The authors' post-processing: strip; drop trailing unfinished lines while more than one remains."""
+    text = text.strip()
+    while (not text.endswith((".", "?", "!")) or _LIST_ITEM_END.search(text)) and len(text.split("\n")) > 1:
+        text = "\n".join(text.split("\n")[:-1]).strip()
+    return text
+
+
+@dataclass(frozen=True)
+class LabelRecord:
+    """One (condition, query): its samples, verdicts, the kept indices and the soft label."""
+
+    condition: str
+    query_index: int
+    samples: list[str]
+    refusals: list[bool]
+    kept: list[int]
+    soft_label: float
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+def score_samples(condition: str, query_index: int, samples: list[str], judge: Judge, num_keep: int) -> LabelRecord:
+    """Judge cleaned samples, keep the `num_keep` longest, label = fraction of kept that complied."""
+    cleaned = [clean_response(s) for s in samples]
+    refusals = [judge.judge(s).refusal for s in cleaned]
+    order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i].split()), reverse=True)
+    kept = sorted(order[:num_keep])
+    soft = sum(not refusals[i] for i in kept) / len(kept)
+    return LabelRecord(condition, query_index, cleaned, refusals, kept, soft)
+
+
+def max_new_tokens(config: LabelConfig, harmless: bool) -> int:
+    return config.max_new_tokens_harmless if harmless else config.max_new_tokens_harmful
+
+
+def sample_seed(config: LabelConfig, query_index: int, sample_index: int) -> int:
+    """Seeded per query like the paper's set_seed(query_index); one seed per sample."""
+    return config.seed + 1000 * query_index + sample_index
+
+
+def chat_messages(condition: str, query: str) -> list[dict[str, str]]:
+    system = system_text(condition)
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    return messages + [{"role": "user", "content": query}]
+
+
+# --- vLLM sampler ---------------------------------------------------------------------------------
+
+async def _stream_one(client: httpx.AsyncClient, config: LabelConfig, messages: list[dict[str, str]],
+                      max_tokens: int, seed: int, judge: Judge) -> str:
+    body = {
+        "model": config.served_model_name, "messages": messages, "stream": True,
+        "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+        "min_tokens": config.min_new_tokens, "max_tokens": max_tokens, "seed": seed,
+    }
+    parts: list[str] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            detail = (await response.aread()).decode(errors="replace")[:500]
+            raise RuntimeError(f"vLLM answered {response.status_code}: {detail}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                parts.append((choice.get("delta") or {}).get("content") or "")
+            # Leaving the stream early closes the connection; vLLM aborts the request.
+            if config.stop_when_judged and judge.window_closed("".join(parts)):
+                break
+    return "".join(parts)
+
+
+async def _sample_vllm_async(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], judge: Judge,
+                             on_done) -> None:
+    limits = httpx.Limits(max_connections=config.concurrency, keepalive_expiry=4.0)
+    gate = asyncio.Semaphore(config.concurrency)
+    async with httpx.AsyncClient(base_url=config.vllm_url, timeout=config.request_timeout_s, limits=limits) as client:
+        async def one_job(condition: str, query_index: int, query: str, harmless: bool) -> None:
+            async def one_sample(k: int) -> str:
+                async with gate:
+                    return await _stream_one(client, config, chat_messages(condition, query),
+                                             max_new_tokens(config, harmless), sample_seed(config, query_index, k), judge)
+            samples = await asyncio.gather(*(one_sample(k) for k in range(config.num_samples)))
+            on_done(score_samples(condition, query_index, list(samples), judge, config.num_keep))
+
+        await asyncio.gather(*(one_job(*job) for job in jobs))
+
+
+def sample_vllm(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done) -> None:
+    """Label `jobs` (condition, query_index, query, harmless) on a vLLM server; `on_done(record)` each."""
+    if not config.vllm_url or not config.served_model_name:
+        raise ValueError("the vllm label backend needs label.vllm_url and label.served_model_name")
+    asyncio.run(_sample_vllm_async(config, jobs, judge, on_done))
+
+
+# --- Hugging Face sampler -------------------------------------------------------------------------
+
+class _JudgeWindowStop:
+    """StoppingCriteria: a row is done once the judge's window over its new tokens is closed."""
+
+    def __init__(self, tokenizer, prompt_len: int, judge: Judge) -> None:
+        self.tokenizer, self.prompt_len, self.judge = tokenizer, prompt_len, judge
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([self.judge.window_closed(t) for t in texts], dtype=torch.bool)
+
+
+def sample_hf(config: LabelConfig, frozen, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done,
+              progress=None) -> None:
+    """Label `jobs` with HF `generate`: all samples of one query in one batched call, as the paper."""
+    from transformers import StoppingCriteriaList, set_seed
+
+    tokenizer, model = frozen.tokenizer, frozen.model
+    for condition, query_index, query, harmless in jobs:
+        ids = torch.tensor([render_ids(tokenizer, system_text(condition), query)])
+        set_seed(sample_seed(config, query_index, 0))
+        stopping = StoppingCriteriaList([_JudgeWindowStop(tokenizer, ids.shape[1], judge)]) \
+            if config.stop_when_judged else None
+        sampling = (dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+                    if config.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), **sampling,
+                num_return_sequences=config.num_samples, min_new_tokens=config.min_new_tokens,
+                max_new_tokens=max_new_tokens(config, harmless), pad_token_id=frozen.pad_id,
+                stopping_criteria=stopping)
+        samples = tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
+        on_done(score_samples(condition, query_index, samples, judge, config.num_keep))
+        if progress is not None:
+            progress.update(1)

@@ -1,0 +1,96 @@
+"""Loading a frozen Hugging Face chat model and reading DRO's representation from it.
+
+The representation h(x, S) is the paper's: the last element of HF `output_hidden_states` (the final
+decoder layer's output after the final norm) at the last prompt token, i.e. the end of the
+generation prompt (authors' `forward.py`, `train.py:214`). Batches are right-padded and read at
+`lengths - 1`, so padding never changes a state.
+
+This module knows nothing about labels, probes or files beyond the model folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.chat import ChatTemplateError, prepare_tokenizer_for_splice
+
+
+@dataclass
+class FrozenChatModel:
+    """A frozen causal LM with its tokenizer (sentinel registered) and the pad id used for batching."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    sentinel_id: int
+    pad_id: int
+    model_dir: Path
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def embedding(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+
+def load_frozen_model(model_dir: str | Path, dtype: str = "float32") -> FrozenChatModel:
+    """Load tokenizer (checked for a chat template first, before any weights) and frozen model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {folder} has no config.json")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    sentinel_id = prepare_tokenizer_for_splice(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    model.eval()
+    model.requires_grad_(False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ChatTemplateError(f"tokenizer of {folder} has neither a pad nor an eos token")
+    return FrozenChatModel(model=model, tokenizer=tokenizer, sentinel_id=sentinel_id, pad_id=int(pad_id),
+                           model_dir=folder)
+
+
+def last_prompt_states(model: torch.nn.Module, attention_mask: torch.Tensor, lengths: torch.Tensor, *,
+                       input_ids: torch.Tensor | None = None,
+                       inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Final-norm hidden state at the last real token of each right-padded row -> [batch, hidden].
+
+    input_ids [B, T] int64 or inputs_embeds [B, T, H]; attention_mask [B, T]; lengths [B].
+    Returned in the model's dtype; callers cast to float32 for statistics.
+    """
+    output = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                   output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    final = output.hidden_states[-1]  # [B, T, H], after the final norm
+    rows = torch.arange(final.shape[0])
+    states = final[rows, lengths - 1]
+    assert states.shape == (final.shape[0], final.shape[-1])
+    return states
+
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, inputs_embeds: torch.Tensor, max_new_tokens: int,
+                    eos_token_ids: set[int]) -> list[int]:
+    """Greedy decoding from one prompt given as embeddings [1, T, H]; returns the new token ids.
+
+    The trainer's own forward, with a KV cache: the check that what is trained is what vLLM serves.
+    """
+    assert inputs_embeds.ndim == 3 and inputs_embeds.shape[0] == 1, inputs_embeds.shape
+    output = model(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(output.logits[0, -1].argmax())
+        tokens.append(token)
+        if token in eos_token_ids:
+            break
+        output = model(input_ids=torch.tensor([[token]]), past_key_values=output.past_key_values,
+                       use_cache=True, logits_to_keep=1)
+    return tokens

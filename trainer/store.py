@@ -1,0 +1,73 @@
+"""The run directory: atomic JSON / safetensors writes and stage-completion records.
+
+Every stage writes its outputs atomically (temp file + rename) and then a `<stage>.done.json`
+holding the stage's config fingerprint; a later run skips the stage when that record matches, so
+each stage resumes from its outputs. Knows nothing about what the stages compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temp)
+        with open(temp, "rb") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    _atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    _atomic_write(path, lambda temp: save_file(
+        {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, temp))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
+    return load_file(str(path))
+
+
+def fingerprint(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_done(run_dir: Path, stage: str, key: Any) -> bool:
+    record = run_dir / f"{stage}.done.json"
+    return record.is_file() and read_json(record).get("fingerprint") == fingerprint(key)
+
+
+def mark_done(run_dir: Path, stage: str, key: Any, seconds: float) -> None:
+    write_json(run_dir / f"{stage}.done.json", {"fingerprint": fingerprint(key), "seconds": seconds})
+
+
+def stage_seconds(run_dir: Path, stage: str) -> float | None:
+    record = run_dir / f"{stage}.done.json"
+    return read_json(record).get("seconds") if record.is_file() else None
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
