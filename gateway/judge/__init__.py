@@ -34,7 +34,7 @@ from gateway.judge.stream import StreamVerdict
 
 # Registry of judge factories by name.
 JUDGES: dict[str, Callable[[], Judge]] = {"paper": PaperMatcher, "phrases": PhraseJudge}
-DEFAULT_JUDGE = "paper"
+DEFAULT_JUDGE = "phrases"
 
 
 def get_judge(name: str) -> Judge:

@@ -66,6 +66,7 @@ _RULES: tuple[tuple[str, str], ...] = (
                     r"(?:inform|remind|point out|clarify|emphasi[sz]e|stress|caution|warn)\b[^.!?\n]{0,160}?"
                     r"\b(?:illegal|unethical|harmful|dangerous|not (?:appropriate|ethical|legal|possible|safe|"
                     r"acceptable)|against)"),
+    ("redirect", r"\bprotect (?:yourself|themselves|your (?:family|business|data)) (?:from|against)\b"),
     ("no-assist", r"\b(?:not (?:something|a request|a task) (?:that )?I (?:can|will|am able to)|"
                   r"(?:unable|not able) to (?:help|assist|fulfil+|comply|provide) (?:you )?(?:with )?(?:that|this|your))"),
 )
