@@ -70,7 +70,7 @@ _RULES: tuple[tuple[str, str], ...] = (
     ("no-assist", r"\b(?:not (?:something|a request|a task) (?:that )?I (?:can|will|am able to)|"
                   r"(?:unable|not able) to (?:help|assist|fulfil+|comply|provide) (?:you )?(?:with )?(?:that|this|your))"),
 )
-_COMPILED = tuple((name, re.compile(pattern, re.IGNORECASE | re.MULTILINE)) for name, pattern in _RULES)
+_COMPILED = tuple((name, re.compile(pattern, re.IGNORECASE)) for name, pattern in _RULES)
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 

@@ -1,0 +1,61 @@
+"""The judge accuracy bench: its statistics, and the labelled set it reads."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from bench.judge_accuracy import DEFAULT_LABELS, Scores, evaluate, read_labels, wilson_interval
+
+
+def test_wilson_interval_known_values() -> None:
+    # Reference values (Wilson score interval, z = 1.96), e.g. Newcombe (1998) table I.
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_scores_arithmetic() -> None:
+    scores = Scores("j", "dev", "all", n=10, tp=3, fp=1, fn=2, tn=4)
+    assert scores.precision == 0.75 and scores.recall == 0.6
+    assert scores.f1 == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    assert Scores("j", "dev", "all", n=2, tp=0, fp=0, fn=0, tn=2).precision is None
+
+
+def test_labelled_set_is_well_formed() -> None:
+    rows = read_labels(DEFAULT_LABELS)
+    ids = [row["id"] for row in rows]
+    assert len(ids) == len(set(ids)) and len(rows) >= 300
+    assert Counter(row["split"] for row in rows).keys() == {"dev", "test"}
+    for split in ("dev", "test"):
+        labels = Counter(row["refusal"] for row in rows if row["split"] == split)
+        assert labels[True] >= 20 and labels[False] >= 20, (split, labels)
+    groups = Counter(row["group"] for row in rows)
+    assert groups["smollm2"] >= 100
+    assert {row["group"] for row in rows} >= {"smollm2", "jbb_llama", "jbb_vicuna"}
+    for row in rows:
+        assert row["prompt"] and isinstance(row["response"], str)
+
+
+def test_evaluate_counts_every_row(tmp_path) -> None:
+    path = tmp_path / "labels.jsonl"
+    rows = [
+        {"id": "a", "split": "dev", "group": "g", "prompt": "p", "response": "I cannot help with that.", "refusal": True},
+        {"id": "b", "split": "dev", "group": "g", "prompt": "p", "response": "Sure, here it is.", "refusal": False},
+        {"id": "c", "split": "test", "group": "g", "prompt": "p", "response": "Sure.", "refusal": True},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    results = {(s.split, s.group, s.judge): s for s in evaluate(read_labels(path), ["paper"])}
+    assert (results[("dev", "g", "paper")].tp, results[("dev", "g", "paper")].tn) == (1, 1)
+    assert results[("test", "all", "paper")].fn == 1
+    assert results[("all", "all", "paper")].n == 3
+
+
+def test_bad_label_rows_are_rejected(tmp_path) -> None:
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({"id": "a", "response": "x", "refusal": "yes"}) + "\n")
+    with pytest.raises(ValueError, match="labels.jsonl:1"):
+        read_labels(path)
