@@ -5,7 +5,7 @@ JailbreakBench harmful and benign goals and AdvBench goals under the paper's pro
 (greedy, 128 tokens) and writes `{"source", "prompt", "condition", "response"}` lines. The labels are
 added by hand afterwards (see data/judge_labels/README.md); this script knows nothing about judges.
 
-    .venv/bin/python -m bench.collect_smollm2_answers --data-dir ../shared/data --out /tmp/smollm2_answers.jsonl
+    .venv/bin/python -m bench.collect_smollm2_answers --out /tmp/smollm2_answers.jsonl
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def ask(client: httpx.Client, base_url: str, item: dict, max_tokens: int) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, required=True, help="folder with jbb_behaviors/ and advbench/")
+    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent.parent / "data",
+                        help="folder with jbb_behaviors/ and advbench/ (default: the repository's data/)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--per-source", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=128)
