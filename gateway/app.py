@@ -36,8 +36,8 @@ def build_app(settings: Settings, *, client: httpx.AsyncClient | None = None,
     metrics = metrics or GatewayMetrics()
     for model in models.values():
         for variant in model.variants.values():
-            if variant.manifest is not None:
-                metrics.artifact_loaded(model.name, variant.name, variant.manifest)
+            # Text variants are listed too (manifest None), so dashboards show every variant.
+            metrics.artifact_loaded(model.name, variant.name, variant.manifest)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

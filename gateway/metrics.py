@@ -45,8 +45,6 @@ TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 OVERHEAD_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 UPSTREAM_ERROR_KINDS = tuple(kind for kind in ERROR_KINDS if kind.startswith("upstream_"))
-# Marker set on a record once it has been counted, so a second `request_finished` is a no-op.
-_COUNTED_ATTRIBUTE = "_metrics_counted"
 
 
 def mark_worker_dead(pid: int) -> None:
@@ -123,10 +121,10 @@ class GatewayMetrics:
 
     def request_finished(self, record: RequestRecord) -> None:
         """Account one finished request (success, error, disconnect alike). Idempotent per record."""
-        if getattr(record, _COUNTED_ATTRIBUTE, False):
+        if record.accounted:
             logger.warning("request %s reported finished twice; counted once", record.request_id)
             return
-        setattr(record, _COUNTED_ATTRIBUTE, True)
+        record.accounted = True
         record.finish()
         model, variant, route = record.model, record.variant, record.route
         if record.in_flight:

@@ -36,6 +36,7 @@ class RequestRecord:
     # True once GatewayMetrics.request_started was called for this request (after the model and
     # variant were resolved); request_finished decrements the in-flight gauge only then.
     in_flight: bool = False
+    accounted: bool = False                    # set by GatewayMetrics once counted (exactly once)
     error_kind: str | None = None              # one of ERROR_KINDS
     started_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None         # seconds from start to the first content token
