@@ -164,9 +164,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"`{report['judges']['refusal']}`; harm judge: "
         + (f"`{report['judges']['harm']}`" if report["judges"]["harm"] else
            "none configured (paper compliance is **non-refusal only**)") + ".",
-        f"Greedy answers: {'yes' if config['greedy'] else 'no'}; sampled answers per query: k={k}, paper metric keeps "
-        f"the {keep} longest; max new tokens harmful/harmless: {config['max_tokens_harmful']}/"
-        f"{config['max_tokens_harmless']}; seed {config['seed']}.",
+        f"Greedy answers: {'yes' if config['greedy'] else 'no'}"
+        + (" (streamed, stopped once every judge's window closed)" if config["greedy"]
+           and config["stop_greedy_when_judged"] else "")
+        + (f"; sampled answers per query: k={k}, the paper metric keeps the {keep} longest" if k
+           else "; no sampled answers (paper any-of-k metrics not computed)")
+        + f"; max new tokens harmful/harmless: {config['max_tokens_harmful']}/{config['max_tokens_harmless']}; "
+        f"seed {config['seed']}.",
         "",
         "| set | kind | variant | queries | greedy refusal % [95% CI] | mean sample refusal % [95% CI] "
         "| paper any-of-k % [95% CI] | paper compliance with harm judge % [95% CI] |",
