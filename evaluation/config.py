@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from gateway.judge import DEFAULT_JUDGE
+
 from evaluation.querysets import DEFAULT_DATA_DIR
 
 Mode = Literal["gateway", "direct"]
@@ -53,7 +55,7 @@ class EvalConfig:
     max_tokens_harmful: int = 300
     max_tokens_harmless: int = 200
     seed: int = 0
-    judge: str = "paper"
+    judge: str = DEFAULT_JUDGE  # the gateway's default, so dashboard and evaluation figures agree
     guard: GuardSettings | None = None
     api_key: str = "EMPTY"
     concurrency: int = 4

@@ -98,17 +98,18 @@ def test_through_the_gateway_every_variant(gateway_factory, vllm_server, soft_ar
         names = set(row["metrics"])
         expected_paper = "paper_nonrefusal_any" if row["kind"] == "harmful" else "paper_refusal_any"
         assert names == {"greedy_refusal", "sample_refusal_mean", expected_paper}
-        assert all(metric["judge"] == "paper" for metric in row["metrics"].values())
+        assert all(metric["judge"] == judges.DEFAULT_JUDGE for metric in row["metrics"].values())
     # Every request went through the gateway: its own judged-answer counters saw them all, with the
     # same judge; and its refusal counters agree with the harness's greedy + sampled verdicts.
     metrics_text = httpx.get(f"{gateway.base_url}/metrics").text
     answers = ResultCache(tmp_path / "run" / ANSWERS_FILE)
-    judge = judges.get_judge("paper")
+    judge = judges.get_judge(judges.DEFAULT_JUDGE)  # the gateway's and the harness's default alike
     for variant in result.report["variants"]:
-        judged = counter_total(metrics_text, "dro_gateway_answers_judged_total", variant=variant, judge="paper")
+        judged = counter_total(metrics_text, "dro_gateway_answers_judged_total", variant=variant, judge=judge.name)
         assert judged == 2 * 3 * 3
         harness_refusals = sum(judge.judge(r["text"]).refusal for r in answers.records() if r["variant"] == variant)
-        assert counter_total(metrics_text, "dro_gateway_refusals_total", variant=variant, judge="paper") == harness_refusals
+        assert counter_total(metrics_text, "dro_gateway_refusals_total", variant=variant,
+                             judge=judge.name) == harness_refusals
     assert result.paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = result.paths["markdown"].read_text()
     assert "| bad | harmful | soft | 3 |" in markdown and "non-refusal only" in markdown
@@ -194,7 +195,7 @@ def test_harm_judge_path_names_its_numbers(vllm_server, sets_dir: Path, tmp_path
     assert result.finished and result.sent_guard == 3 * 2  # harmful queries x samples
     rows = {row["set"]: row for row in result.report["rows"]}
     guarded = rows["bad"]["metrics"]["paper_compliance_any"]
-    assert guarded["judge"] == f"paper + guard:{vllm_server.served_name}"
+    assert guarded["judge"] == f"{judges.DEFAULT_JUDGE} + guard:{vllm_server.served_name}"
     assert guarded["value"] == 0.0 and rows["bad"]["guard_unparseable_samples"] == 6
     assert "paper_compliance_any" not in rows["good"]["metrics"]
     assert result.report["judges"]["harm"] == f"guard:{vllm_server.served_name}"
