@@ -157,8 +157,11 @@ def save_artifact(path: str | os.PathLike[str], manifest: Manifest, tensors: dic
                   str(staging / TENSORS_FILE))
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
         for file in staging.iterdir():
+            os.chmod(file, 0o644)
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+        # mkdtemp creates 0700: make the artifact readable by a gateway running as another user.
+        os.chmod(staging, 0o755)
         if target.exists():
             retired = target.with_name(f".{target.name}.old")
             shutil.rmtree(retired, ignore_errors=True)

@@ -15,7 +15,7 @@ import yaml
 
 from gateway.settings import Settings
 from stack.processes import vllm_command, vllm_env
-from stack.serve import gateway_config
+from stack.serve import MODEL_NAME, gateway_config
 from tests.deploy.compose_model import (
     InterpolationError,
     active_services,
@@ -262,13 +262,15 @@ def test_gateway_settings_point_at_compose_services(compose, monkeypatch: pytest
 def test_gateway_config_mirrors_make_serve(compose, monkeypatch: pytest.MonkeyPatch) -> None:
     """The compose gateway serves what `make serve` serves, artifacts included (when trained)."""
     settings = gateway_settings(compose, monkeypatch)
-    native = gateway_config(Path("/model"), vllm_port=8000)["models"]
+    native = gateway_config("/model", MODEL_NAME, vllm_port=8000, with_dro=True)["models"]
     for model in native:
         model["artifacts"] = {variant: "/artifacts" / Path(path).relative_to(REPO / "artifacts")
                               for variant, path in model["artifacts"].items()}
     in_compose = [model.model_dump(include={"name", "model_path", "default_variant", "artifacts"})
                   for model in settings.models]
-    expected = [{**model, "model_path": Path(model["model_path"])} for model in native]
+    # Natively the model path is a local folder; in compose the model is mounted at /model.
+    expected = [{**{key: value for key, value in model.items() if key in {"name", "default_variant", "artifacts"}},
+                 "model_path": Path("/model")} for model in native]
     assert in_compose == expected, (
         "deploy/gateway/config.yaml (and the ConfigMap in deploy/k8s/gateway.yaml) must serve the models and "
         "variants `make serve` serves: when a trained artifact is committed under artifacts/, add it there")
