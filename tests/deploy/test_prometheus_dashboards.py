@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -176,13 +177,23 @@ def test_dashboards_against_real_prometheus(gateway_factory, vllm_server, promet
         "sum by (kind) (dro_gateway_request_errors_total)")}
     assert errors == {"model_not_found": 1.0, "upstream_4xx": 1.0}
 
-    # Every panel's expression returns data.
+    # Every panel's expression returns data. rate() needs two samples of a series in its window, and
+    # the error counters appeared only with the last requests: allow a few more scrapes.
     expressions = dashboard_expressions()
     assert len(expressions) >= 16
-    empty = []
-    for name, expr in expressions:
-        result = prometheus.query(substitute_variables(expr))
-        values = [float(sample["value"][1]) for sample in result]
-        if not any(math.isfinite(value) for value in values):
-            empty.append(f"{name}: {substitute_variables(expr)} -> {values}")
+
+    def panels_without_data() -> list[str]:
+        empty = []
+        for name, expr in expressions:
+            result = prometheus.query(substitute_variables(expr))
+            values = [float(sample["value"][1]) for sample in result]
+            if not any(math.isfinite(value) for value in values):
+                empty.append(f"{name}: {substitute_variables(expr)} -> {values}")
+        return empty
+
+    deadline = time.monotonic() + 30
+    empty = panels_without_data()
+    while empty and time.monotonic() < deadline:
+        time.sleep(1)
+        empty = panels_without_data()
     assert not empty, "panels without data:\n" + "\n".join(empty)
