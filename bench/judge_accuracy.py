@@ -19,21 +19,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from evaluation.metrics import wilson_interval
 from gateway.judge import JUDGES, get_judge
 
 DEFAULT_LABELS = Path(__file__).resolve().parent.parent / "data" / "judge_labels" / "labels.jsonl"
-Z_95 = 1.959963984540054
-
-
-def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion; (0, 1) when there are no trials."""
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    denominator = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass

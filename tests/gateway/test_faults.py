@@ -14,6 +14,7 @@ from gateway.app import build_app
 from gateway.settings import ModelConfig, Settings
 from stack.processes import free_port
 from tests.gateway.fault_upstream import ThreadedServer, fault_app
+from tests.metrics_text import metric_total
 
 BEHAVIOURS = ["ok", "hang", "boom", "picky", "drop", "stall"]
 
@@ -71,12 +72,7 @@ def test_failed_streams_are_counted_once_with_their_verdict(gateway_url: str) ->
     def scrape() -> str:
         return httpx.get(f"{gateway_url}/metrics").text
 
-    def value(text: str, name: str, **labels: str) -> float:
-        for line in text.splitlines():
-            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
+    value = metric_total
     before = scrape()
     _post(gateway_url, "drop", stream=True)
     after = scrape()

@@ -7,15 +7,9 @@ import concurrent.futures
 import httpx
 import pytest
 
+from tests.metrics_text import metric_total
+
 pytestmark = pytest.mark.integration
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_two_workers_count_every_request_once(gateway_factory) -> None:
@@ -32,6 +26,6 @@ def test_two_workers_count_every_request_once(gateway_factory) -> None:
         for _ in range(5):  # whichever worker answers the scrape sees every worker's counts
             again = client.get(f"{served.base_url}/metrics", headers={"Connection": "close"}).text
             pids.add(again)
-            assert _metric(again, "dro_gateway_requests_total", variant="none", status="200") == 12
-    assert _metric(metrics, "dro_gateway_answers_judged_total", variant="none") == 12
-    assert _metric(metrics, "dro_gateway_requests_in_flight", variant="none") == 0
+            assert metric_total(again, "dro_gateway_requests_total", variant="none", status="200") == 12
+    assert metric_total(metrics, "dro_gateway_answers_judged_total", variant="none") == 12
+    assert metric_total(metrics, "dro_gateway_requests_in_flight", variant="none") == 0
