@@ -26,6 +26,7 @@ from gateway import judge as judges
 from gateway.artifact import Manifest, read_model_info, save_artifact
 from gateway.judge import Verdict
 from tests.conftest import default_model_config
+from tests.metrics_text import metric_total
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -76,14 +77,6 @@ def small_config(base_url: str, model: str, run_dir: Path, sets_dir: Path, **ove
     return EvalConfig(**(settings | overrides))
 
 
-def counter_total(metrics_text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith(name + "{") and all(f'{key}="{value}"' in line for key, value in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_through_the_gateway_every_variant(gateway_factory, vllm_server, soft_artifact: Path, sets_dir: Path,
                                            tmp_path: Path) -> None:
     gateway = gateway_factory(models=[default_model_config(vllm_server, artifacts={"soft": str(soft_artifact)})])
@@ -105,10 +98,10 @@ def test_through_the_gateway_every_variant(gateway_factory, vllm_server, soft_ar
     answers = ResultCache(tmp_path / "run" / ANSWERS_FILE)
     judge = judges.get_judge(judges.DEFAULT_JUDGE)  # the gateway's and the harness's default alike
     for variant in result.report["variants"]:
-        judged = counter_total(metrics_text, "dro_gateway_answers_judged_total", variant=variant, judge=judge.name)
+        judged = metric_total(metrics_text, "dro_gateway_answers_judged_total", variant=variant, judge=judge.name)
         assert judged == 2 * 3 * 3
         harness_refusals = sum(judge.judge(r["text"]).refusal for r in answers.records() if r["variant"] == variant)
-        assert counter_total(metrics_text, "dro_gateway_refusals_total", variant=variant,
+        assert metric_total(metrics_text, "dro_gateway_refusals_total", variant=variant,
                              judge=judge.name) == harness_refusals
     assert result.paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = result.paths["markdown"].read_text()
