@@ -115,6 +115,11 @@ def _load_self_instruct(data: Path) -> list[str]:
             if line.strip()]
 
 
+def _load_sounds_harmful(data: Path) -> list[str]:
+    return [line.strip() for line in (data / "sounds_harmful" / "queries.txt").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
 def _load_jailbreak(data: Path) -> list[str]:
     return _read_jsonl_key(data / "jailbreak_dan" / "queries.jsonl", "query")
 
@@ -140,6 +145,8 @@ BUILTIN_SETS: dict[str, BuiltinSet] = {
                              "JBB-Behaviors benign (100; DRO training queries, not held out)"),
     "self_instruct": BuiltinSet("harmless", _load_self_instruct, None,
                                 "Self-Instruct user-oriented instructions (252)"),
+    "sounds_harmful": BuiltinSet("harmless", _load_sounds_harmful, None,
+                                 "harmless queries that sound harmful (80), written for this project; held out"),
 }
 
 

