@@ -41,6 +41,9 @@ class ModelConfig(BaseModel):
     default_variant: str = Field(default="default", description="variant applied to the bare model id")
     # Variant name -> artifact directory (written by the trainer or imported).
     artifacts: dict[str, Path] = Field(default_factory=dict)
+    # A forced artifact was trained past a failed label-balance check: its refusal direction rests
+    # on labels that cannot support one. It is served only when this names it explicitly.
+    allow_forced_artifacts: list[str] = Field(default_factory=list)
     # Variant name -> weight; when set, the bare model id splits its traffic between these variants
     # (deterministically per user, else per request id).
     split: dict[str, float] = Field(default_factory=dict)
@@ -61,6 +64,9 @@ class ModelConfig(BaseModel):
         for name in self.artifacts:
             if name in RESERVED_VARIANTS or "@" in name or not name:
                 raise ValueError(f"artifact variant name {name!r} is reserved or invalid")
+        for name in self.allow_forced_artifacts:
+            if name not in self.artifacts:
+                raise ValueError(f"allow_forced_artifacts names {name!r}, which is not an artifact variant")
         known = set(RESERVED_VARIANTS) | set(self.artifacts)
         if self.default_variant not in known:
             raise ValueError(f"default_variant {self.default_variant!r} is not one of {sorted(known)}")

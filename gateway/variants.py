@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.artifact import Manifest, check_artifact_fits, load_artifact, read_model_info
+from gateway.artifact import ArtifactError, Manifest, check_artifact_fits, load_artifact, read_model_info
 from gateway.errors import ModelNotFound
 from gateway.prompts import HUMAN_PROMPTS
 from gateway.settings import ModelConfig
@@ -65,7 +65,13 @@ def load_model(config: ModelConfig) -> ServedModel:
             logger.warning("model %s has no model_path: artifact %s is not checked against the model",
                            config.name, path)
         if artifact.manifest.forced:
-            logger.warning("artifact %s was trained with --force past a failed label-balance check", path)
+            if name not in config.allow_forced_artifacts:
+                raise ArtifactError(
+                    f"artifact {name!r} ({path}) is marked forced: it was trained with --force past a failed "
+                    "label-balance check, so its refusal direction rests on labels that cannot support one. "
+                    f"Not served; to serve it anyway, list it in models[].allow_forced_artifacts "
+                    f"(allow_forced_artifacts: [{name}])")
+            logger.warning("artifact %s is served although it is marked forced (allow_forced_artifacts)", path)
         variants[name] = Variant(
             name=name,
             kind="soft",

@@ -125,3 +125,24 @@ def test_settings_from_yaml_and_environment(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("GATEWAY_UPSTREAM_URLS", '["ftp://x"]')
     with pytest.raises(ValidationError, match="http://"):
         Settings()
+
+
+def _forced_artifact(tmp_path: Path) -> Path:
+    manifest = Manifest(name="dro", base_model="m", hidden_size=16, num_virtual_tokens=3,
+                        chat_template_sha256=sha256_text(TEMPLATE), dtype="float32", origin="dro-trainer",
+                        forced=True)
+    return save_artifact(tmp_path / "artifacts" / "forced", manifest, {"soft_prompt": torch.randn(3, 16)})
+
+
+def test_forced_artifact_is_refused_unless_named_in_allow_forced_artifacts(tmp_path: Path) -> None:
+    path, model_dir = _forced_artifact(tmp_path), _model_dir(tmp_path)
+    with pytest.raises(ArtifactError, match="marked forced.*allow_forced_artifacts"):
+        load_model(ModelConfig(name="m", model_path=model_dir, artifacts={"dro": path}))
+    served = load_model(ModelConfig(name="m", model_path=model_dir, artifacts={"dro": path},
+                                    allow_forced_artifacts=["dro"]))
+    assert served.variants["dro"].manifest.forced
+
+
+def test_allow_forced_artifacts_must_name_an_artifact() -> None:
+    with pytest.raises(ValidationError, match="not an artifact variant"):
+        ModelConfig(name="m", allow_forced_artifacts=["dro"])
