@@ -29,7 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dro-trainer", description="DRO soft-prompt trainer")
     parser.add_argument("stage", choices=STAGE_CHOICES)
     parser.add_argument("--config", type=Path, help="YAML/JSON RunConfig (default: <run-dir>/config.json if present)")
-    parser.add_argument("--model-dir", help="HF model folder, or 'smollm2' for the embedded default model")
+    parser.add_argument("--model-dir", help="HF model folder, or a packaged model: 'qwen' (Qwen2.5-Coder-0.5B-Instruct) "
+                        "or 'smollm2' (SmolLM2-135M-Instruct), prepared on first use")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="where extract and optimize run (default: the config's, auto = cuda when available)")
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. label.num_samples=4 (value parsed as YAML)")
@@ -45,11 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_model_dir(value: str) -> str:
-    if value == "smollm2":
-        from trainer.model_zoo import prepare_smollm2
+    from trainer.model_zoo import resolve_model
 
-        return str(prepare_smollm2())
-    return value
+    return str(resolve_model(value))
 
 
 def set_path(data: dict, dotted: str, value) -> None:
@@ -79,6 +80,8 @@ def build_config(args: argparse.Namespace):
         set_path(data, key, yaml.safe_load(value))
     if args.force:
         set_path(data, "fit.force", True)
+    if args.device:
+        data["device"] = args.device
     return RunConfig.model_validate(data)
 
 

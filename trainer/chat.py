@@ -69,9 +69,12 @@ def sentinel_position(ids: list[int], sentinel_id: int) -> int:
     return positions[0]
 
 
-def find_prompt_span(tokenizer, sentinel_id: int, prompt_text: str, query: str) -> list[int]:
-    """The ids the human prompt occupies in context: text rendering minus sentinel rendering.
+def find_prompt_span(tokenizer, sentinel_id: int, prompt_text: str | None, query: str) -> list[int]:
+    """The ids the system prompt occupies in context: text rendering minus sentinel rendering.
 
+    `prompt_text` None means the chat has no system message: the span is then the default system
+    prompt the model's own template inserts (Qwen2.5: "You are Qwen, created by Alibaba Cloud...");
+    a template that inserts none has no such span (ChatTemplateError).
     Checks that both renderings share the prefix before the sentinel and the suffix after it, so
     the span is exactly where vLLM will put the soft prompt.
     """
@@ -82,6 +85,10 @@ def find_prompt_span(tokenizer, sentinel_id: int, prompt_text: str, query: str) 
     span_end = len(with_text) - suffix_len
     if (with_text[:position] != with_sentinel[:position]
             or with_text[span_end:] != with_sentinel[position + 1:] or span_end <= position):
+        if prompt_text is None:
+            raise ChatTemplateError(
+                "the chat template inserts no default system prompt of its own (without a system message "
+                "it renders no system block), so there is nothing to initialise from: choose a human prompt")
         raise ChatTemplateError(
             "the chat template tokenises the text system prompt and the sentinel with different "
             "surroundings; the soft prompt cannot be initialised from the prompt's in-context tokens")
@@ -142,12 +149,13 @@ def embed_spliced_batch(embedding: torch.nn.Module, batch: SplicedBatch, soft_pr
 
     soft_prompt: [N, hidden], any float dtype (cast to the embedding dtype; gradients flow to θ).
     """
-    embeds = embedding(batch.input_ids)  # [B, T, H]
+    device = embedding.weight.device
+    embeds = embedding(batch.input_ids.to(device))  # [B, T, H]
     rows, hidden = soft_prompt.shape
     assert hidden == embeds.shape[-1], f"soft prompt hidden {hidden} != model hidden {embeds.shape[-1]}"
     assert int(batch.placeholder_mask.sum()) == rows * embeds.shape[0], "placeholder count != N per row"
-    source = soft_prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], rows, hidden)
-    return embeds.masked_scatter(batch.placeholder_mask.unsqueeze(-1), source)
+    source = soft_prompt.to(device=device, dtype=embeds.dtype).unsqueeze(0).expand(embeds.shape[0], rows, hidden)
+    return embeds.masked_scatter(batch.placeholder_mask.to(device).unsqueeze(-1), source)
 
 
 def chat_batch(tokenizer, system: str | None, queries: list[str], pad_id: int):

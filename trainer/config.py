@@ -14,7 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gateway.prompts import PROMPT_CONDITIONS
 
 Condition = Literal["none", "default", "short", "mistral"]
-HumanPrompt = Literal["default", "short", "mistral"]
+# What θ starts from: a human prompt's in-context tokens, or `template_default`, the system prompt
+# the model's own chat template inserts when a chat has none (what the `none` condition sends,
+# e.g. Qwen2.5's "You are Qwen, created by Alibaba Cloud..."); an error for templates without one.
+InitPrompt = Literal["default", "short", "mistral", "template_default"]
+Device = Literal["auto", "cpu", "cuda"]
+ModelDtype = Literal["float32", "bfloat16", "float16"]
 
 
 class _Strict(BaseModel):
@@ -38,7 +43,9 @@ class LabelConfig(_Strict):
     vllm_url: str | None = Field(default=None, description="base URL of an OpenAI-compatible vLLM server")
     served_model_name: str | None = None
     conditions: tuple[Condition, ...] = PROMPT_CONDITIONS  # type: ignore[assignment]
-    judge: str = "paper"
+    # The project's default judge (gateway.judge.DEFAULT_JUDGE); the paper used its string matcher
+    # (`paper`) plus LlamaGuard: a recorded deviation (docs/trainer.md).
+    judge: str = "phrases"
     num_samples: int = Field(default=25, gt=0)
     num_keep: int = Field(default=20, gt=0, description="keep the N longest samples (whitespace words)")
     temperature: float = Field(default=1.0, ge=0)
@@ -65,7 +72,8 @@ class LabelConfig(_Strict):
 
 class ExtractConfig(_Strict):
     batch_size: int = Field(default=16, gt=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # bf16 as the authors (and as vLLM serves by default); the states are stored as float32.
+    dtype: ModelDtype = "bfloat16"
 
 
 class BalanceConfig(_Strict):
@@ -84,6 +92,10 @@ class FitConfig(_Strict):
     max_steps: int = Field(default=10000, gt=0)
     patience: int = Field(default=3, gt=0)
     min_delta: float = 1e-4
+    # "paper": the authors' tiny-lr AdamW with early stopping; "converged": each fold's logistic
+    # regression fitted to its optimum (L-BFGS, L2 penalty `l2`); see trainer/fit.py.
+    probe_solver: Literal["paper", "converged"] = "paper"
+    l2: float = Field(default=0.01, ge=0)
     num_folds: int = Field(default=10, gt=1)
     seed: int = 42
     balance: BalanceConfig = BalanceConfig()
@@ -91,7 +103,12 @@ class FitConfig(_Strict):
 
 
 class OptimizeConfig(_Strict):
-    init_prompt: HumanPrompt = "default"
+    init_prompt: InitPrompt = "default"
+    # The frozen model's dtype in the forward/backward pass. θ and AdamW's state stay float32 (master
+    # copy); θ is cast to this dtype where it is spliced in, exactly as vLLM casts the payload to the
+    # dtype it serves in. Train in the dtype the model is served in (vLLM: bf16 by default; a server
+    # started with --dtype float32 needs optimize.dtype=float32).
+    dtype: ModelDtype = "bfloat16"
     weight_refusal: float = Field(default=1.0, ge=0)
     weight_harmfulness: float = Field(default=0.01, ge=0)
     weight_off_subspace: float = Field(default=0.001, ge=0)
@@ -102,6 +119,10 @@ class OptimizeConfig(_Strict):
     micro_batch_size: int = Field(default=10, gt=0, description="gradient accumulation chunk (memory only)")
     epochs: int = Field(default=40, gt=0)
     seed: int = 42
+    # Health check after training (not in the paper): greedy answers of this many harmful and as
+    # many harmless training queries under θ0 and θ, to see what the prompt did to answers' length.
+    answer_check_queries: int = Field(default=4, ge=0, description="per class; 0 disables")
+    answer_check_tokens: int = Field(default=64, gt=0)
 
 
 class ExportConfig(_Strict):
@@ -116,6 +137,7 @@ class RunConfig(_Strict):
     run_dir: Path
     torch_threads: int | None = Field(
         default=None, gt=0, description="torch intra-op threads (1 is much faster on a crowded CPU)")
+    device: Device = Field(default="auto", description="where extract and optimize run: auto = cuda when available")
     data: DataConfig = DataConfig()
     label: LabelConfig = LabelConfig()
     extract: ExtractConfig = ExtractConfig()

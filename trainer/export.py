@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from gateway.artifact import Manifest, read_model_info, save_artifact, sha256_text
 from trainer import store
 from trainer.config import RunConfig
@@ -44,7 +46,11 @@ def run_export(config: RunConfig, key: dict) -> Path:
     directions = store.read_tensors(run_dir / "directions.safetensors")
     optimized = store.read_tensors(run_dir / "soft_prompt.safetensors")
     fit, optimize = store.read_json(run_dir / "fit.json"), store.read_json(run_dir / "optimize.json")
-    soft = optimized["soft_prompt"].float()
+    # The soft prompt is stored in the dtype it was spliced in during training when that is bf16 (the
+    # dtype vLLM serves in by default): the gateway then sends exactly the rows the trainer used, in
+    # half the bytes. Otherwise float32 (vLLM casts once to its dtype; never a third dtype).
+    stored_dtype = torch.bfloat16 if config.optimize.dtype == "bfloat16" else torch.float32
+    soft = optimized["soft_prompt"].to(stored_dtype)
     history = optimize["history"]
     timings = {stage: store.stage_seconds(run_dir, stage) for stage in ("label", "extract", "fit", "optimize")}
     info = read_model_info(config.model_dir)
@@ -54,7 +60,7 @@ def run_export(config: RunConfig, key: dict) -> Path:
         hidden_size=int(soft.shape[1]),
         num_virtual_tokens=int(soft.shape[0]),
         chat_template_sha256=check_template_hash(config.model_dir),
-        dtype="float32",
+        dtype=str(stored_dtype).removeprefix("torch."),
         origin="dro-trainer",
         init_prompt=config.optimize.init_prompt,
         forced=bool(fit["forced"]),
@@ -67,6 +73,7 @@ def run_export(config: RunConfig, key: dict) -> Path:
             "harmfulness_probe_accuracy": fit["harmfulness_accuracy"],
             "loss_first": history[0], "loss_last": history[-1], "steps": len(history),
             "score_shift": optimize["score_shift"], "stage_seconds": timings,
+            "training_dtype": config.optimize.dtype, "health": optimize.get("health", {}),
         },
         notes=f"model hidden size {info.hidden_size}; trained by python -m trainer",
     )

@@ -36,7 +36,7 @@ def extract_condition_states(frozen: FrozenChatModel, system: str | None, querie
     chunks = []
     for start in range(0, len(queries), batch_size):
         ids, mask, lengths = chat_batch(frozen.tokenizer, system, queries[start:start + batch_size], frozen.pad_id)
-        chunks.append(last_prompt_states(frozen.model, mask, lengths, input_ids=ids).float())
+        chunks.append(last_prompt_states(frozen.model, mask, lengths, input_ids=ids).float().cpu())
         if progress is not None:
             progress.update(len(lengths))
     states = torch.cat(chunks)
@@ -63,7 +63,7 @@ def extract_states_per_query(frozen: FrozenChatModel, conditions: list[str], que
     out = torch.empty(len(conditions), len(queries), frozen.hidden_size)
     for c, condition in enumerate(conditions):
         for q, query in enumerate(queries):
-            ids = torch.tensor([render_ids(frozen.tokenizer, system_text(condition), query)])
+            ids = torch.tensor([render_ids(frozen.tokenizer, system_text(condition), query)], device=frozen.device)
             output = frozen.model(input_ids=ids, output_hidden_states=True, use_cache=False, logits_to_keep=1)
             out[c, q] = output.hidden_states[-1][0, -1].float()
     return out

@@ -11,6 +11,13 @@ Follows the authors' `estimate.py` exactly where it matters for DRO's loss scale
   without one; keep the best copy); at most 10000 steps;
 - 10 folds: indices shuffled by `random.Random(42)`, cut into consecutive folds; fold weights and
   biases are averaged.
+
+`solver="converged"` (a recorded deviation, for models whose PCA coordinates are small): the same
+folds, but each fold's probe is fitted to convergence (full-batch L-BFGS on mean BCE plus
+`l2`/2·‖w‖²) instead of tiny-lr AdamW with patience 3. With small coordinates the paper's recipe
+stops after a handful of steps, so its weights stay near their random initialisation and the
+"direction" is mostly the init; the converged fit is the logistic regression the recipe approximates.
+
 Sign conventions (the paper's): refusal label 1 = complied (not refused); harmfulness label
 1 = harmless. So w_r points toward compliance, and the refusal direction is -w_r.
 
@@ -79,6 +86,8 @@ class ProbeRecipe:
     lr: float = 1e-4
     weight_decay: float = 0.01
     max_steps: int = 10000
+    solver: str = "paper"  # "paper" (tiny-lr AdamW, early stopping) or "converged" (L-BFGS to optimum)
+    l2: float = 0.01  # converged solver only: penalty on ‖w‖² (mean-BCE scale)
     patience: int = 3
     min_delta: float = 1e-4
     num_folds: int = 10
@@ -143,6 +152,36 @@ def train_probe_folds(train_x: torch.Tensor, train_y: torch.Tensor, heldout_x: t
     return best_w, best_b, best_step.tolist(), best_loss.tolist()
 
 
+def train_probe_folds_converged(train_x: torch.Tensor, train_y: torch.Tensor, heldout_x: torch.Tensor,
+                                heldout_y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                recipe: ProbeRecipe) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
+    """L2-regularised logistic regression per fold, fitted to convergence (same shapes as
+    `train_probe_folds`). The folds' objectives are independent, so minimising their sum with one
+    L-BFGS minimises each. Accumulates in float64 on purpose (a converged fit, not a few steps).
+    """
+    x, y = train_x.double(), train_y.double()
+    weight = weight.double().clone().requires_grad_(True)
+    bias = bias.double().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=recipe.max_steps, tolerance_grad=1e-10,
+                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = torch.einsum("fnk,fk->fn", x, weight) + bias[:, None]
+        loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=1)
+                + 0.5 * recipe.l2 * weight.pow(2).sum(dim=1)).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    steps = int(optimizer.state[optimizer._params[0]]["n_iter"])
+    with torch.no_grad():
+        heldout_logits = torch.einsum("fmk,fk->fm", heldout_x.double(), weight) + bias[:, None]
+        heldout = F.binary_cross_entropy_with_logits(heldout_logits, heldout_y.double(), reduction="none").mean(dim=1)
+    return (weight.detach().float(), bias.detach().float(), [steps] * weight.shape[0],
+            heldout.float().tolist())
+
+
 def fit_probe(coords: torch.Tensor, labels: torch.Tensor, recipe: ProbeRecipe,
               generator: torch.Generator) -> Probe:
     """Fold-averaged logistic probe. coords [n, k] float32, labels [n] float32 in [0, 1]."""
@@ -154,8 +193,9 @@ def fit_probe(coords: torch.Tensor, labels: torch.Tensor, recipe: ProbeRecipe,
     heldout = torch.tensor([h for _, h in folds])
     weight0 = torch.cat([w for w, _ in inits])  # [F, k]
     bias0 = torch.cat([b for _, b in inits])  # [F]
-    fold_w, fold_b, steps, losses = train_probe_folds(coords[train], labels[train], coords[heldout],
-                                                      labels[heldout], weight0, bias0, recipe)
+    train_folds = train_probe_folds if recipe.solver == "paper" else train_probe_folds_converged
+    fold_w, fold_b, steps, losses = train_folds(coords[train], labels[train], coords[heldout],
+                                                labels[heldout], weight0, bias0, recipe)
     return Probe(weight=fold_w.mean(0), bias=fold_b.mean(0), fold_weights=fold_w, fold_biases=fold_b,
                  fold_steps=steps, fold_heldout_bce=losses)
 

@@ -150,7 +150,7 @@ def sample_hf(config: LabelConfig, frozen, jobs: list[tuple[str, int, str, bool]
 
     tokenizer, model = frozen.tokenizer, frozen.model
     for condition, query_index, query, harmless in jobs:
-        ids = torch.tensor([render_ids(tokenizer, system_text(condition), query)])
+        ids = torch.tensor([render_ids(tokenizer, system_text(condition), query)], device=frozen.device)
         set_seed(sample_seed(config, query_index, 0))
         stopping = StoppingCriteriaList([_JudgeWindowStop(tokenizer, ids.shape[1], judge)]) \
             if config.stop_when_judged else None

@@ -36,11 +36,24 @@ class FrozenChatModel:
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
     def embedding(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 
 
-def load_frozen_model(model_dir: str | Path, dtype: str = "float32") -> FrozenChatModel:
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda when a GPU is visible, else cpu; `cuda` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no GPU (torch.cuda.is_available() is False)")
+    return torch.device(device)
+
+
+def load_frozen_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> FrozenChatModel:
     """Load tokenizer (checked for a chat template first, before any weights) and frozen model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,6 +63,7 @@ def load_frozen_model(model_dir: str | Path, dtype: str = "float32") -> FrozenCh
     tokenizer = AutoTokenizer.from_pretrained(folder)
     sentinel_id = prepare_tokenizer_for_splice(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+    model.to(resolve_device(device))
     model.eval()
     model.requires_grad_(False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -65,12 +79,15 @@ def last_prompt_states(model: torch.nn.Module, attention_mask: torch.Tensor, len
     """Final-norm hidden state at the last real token of each right-padded row -> [batch, hidden].
 
     input_ids [B, T] int64 or inputs_embeds [B, T, H]; attention_mask [B, T]; lengths [B].
-    Returned in the model's dtype; callers cast to float32 for statistics.
+    Returned in the model's dtype, on the model's device; callers cast to float32 for statistics.
     """
+    device = model.get_input_embeddings().weight.device
+    input_ids = None if input_ids is None else input_ids.to(device)
+    attention_mask, lengths = attention_mask.to(device), lengths.to(device)
     output = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
     final = output.hidden_states[-1]  # [B, T, H], after the final norm
-    rows = torch.arange(final.shape[0])
+    rows = torch.arange(final.shape[0], device=device)
     states = final[rows, lengths - 1]
     assert states.shape == (final.shape[0], final.shape[-1])
     return states
@@ -91,6 +108,6 @@ def greedy_generate(model: torch.nn.Module, inputs_embeds: torch.Tensor, max_new
         tokens.append(token)
         if token in eos_token_ids:
             break
-        output = model(input_ids=torch.tensor([[token]]), past_key_values=output.past_key_values,
+        output = model(input_ids=torch.tensor([[token]], device=inputs_embeds.device), past_key_values=output.past_key_values,
                        use_cache=True, logits_to_keep=1)
     return tokens

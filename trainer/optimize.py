@@ -92,7 +92,7 @@ def soft_prompt_states(frozen: FrozenChatModel, soft_prompt: torch.Tensor, queri
 def soft_prompt_states_batched(frozen: FrozenChatModel, soft_prompt: torch.Tensor, queries: list[str],
                                batch_size: int = 16) -> torch.Tensor:
     """hθ for many queries without gradients -> [Q, H] float32."""
-    return torch.cat([soft_prompt_states(frozen, soft_prompt, queries[i:i + batch_size]).float()
+    return torch.cat([soft_prompt_states(frozen, soft_prompt, queries[i:i + batch_size]).float().cpu()
                       for i in range(0, len(queries), batch_size)])
 
 
@@ -118,7 +118,11 @@ def optimize_soft_prompt(frozen: FrozenChatModel, queries: list[str], harmless: 
     """
     assert reference_states.shape == (len(queries), frozen.hidden_size), reference_states.shape
     assert init_soft_prompt.ndim == 2 and init_soft_prompt.shape[1] == frozen.hidden_size
-    theta = torch.nn.Parameter(init_soft_prompt.detach().float().clone())
+    device = frozen.device
+    geometry = DroGeometry(*(t.to(device) for t in (geometry.pca_components, geometry.refusal_weight,
+                                                    geometry.harmfulness_weight)))
+    reference_states, harmless = reference_states.to(device), harmless.to(device)
+    theta = torch.nn.Parameter(init_soft_prompt.detach().float().clone().to(device))
     optimizer = torch.optim.AdamW([theta], lr=schedule.lr, weight_decay=schedule.weight_decay)
     total_steps = schedule.epochs * math.ceil(len(queries) / schedule.batch_size)
     history: list[dict[str, float]] = []
@@ -145,4 +149,4 @@ def optimize_soft_prompt(frozen: FrozenChatModel, queries: list[str], harmless: 
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", L_r=f"{record['refusal']:.4f}")
             bar.update(1)
-    return theta.detach().clone(), history
+    return theta.detach().cpu().clone(), history

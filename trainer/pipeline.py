@@ -26,6 +26,7 @@ from trainer import store
 from trainer.balance import check_balance, measure_balance
 from trainer.config import RunConfig
 from trainer.data import load_training_queries
+from trainer.health import answer_health, optimization_health, probe_health
 
 STAGES = ("label", "extract", "fit", "optimize", "export")
 
@@ -56,7 +57,7 @@ def stage_keys(config: RunConfig) -> dict[str, dict]:
 def _load_frozen(config: RunConfig, dtype: str = "float32"):
     from trainer.model import load_frozen_model
 
-    return load_frozen_model(config.model_dir, dtype)
+    return load_frozen_model(config.model_dir, dtype, config.device)
 
 
 # --- label ---------------------------------------------------------------------------------------
@@ -182,7 +183,8 @@ def run_fit(config: RunConfig, show_progress: bool = True) -> Path:
     coords = pca.project(x)
     recipe = ProbeRecipe(lr=config.fit.lr, weight_decay=config.fit.weight_decay, max_steps=config.fit.max_steps,
                          patience=config.fit.patience, min_delta=config.fit.min_delta,
-                         num_folds=config.fit.num_folds, seed=config.fit.seed)
+                         num_folds=config.fit.num_folds, seed=config.fit.seed,
+                         solver=config.fit.probe_solver, l2=config.fit.l2)
     refusal, harmfulness = fit_probes(coords, y_refusal, y_harmless, recipe)
     store.write_tensors(out, {
         "pca_mean": pca.mean, "pca_components": pca.components,
@@ -191,11 +193,16 @@ def run_fit(config: RunConfig, show_progress: bool = True) -> Path:
         "refusal_fold_weights": refusal.fold_weights, "refusal_fold_biases": refusal.fold_biases,
         "harmfulness_fold_weights": harmfulness.fold_weights, "harmfulness_fold_biases": harmfulness.fold_biases,
     })
+    refusal_accuracy = probe_accuracy(refusal, coords, y_refusal)
+    harmfulness_accuracy = probe_accuracy(harmfulness, coords, y_harmless)
+    refusal_health, refusal_warnings = probe_health("refusal", refusal_accuracy, y_refusal)
+    harmfulness_health, harmfulness_warnings = probe_health("harmfulness", harmfulness_accuracy, y_harmless)
     store.write_json(run_dir / "fit.json", {
         "forced": forced, "failed_checks": reasons, "balance": balance,
         "explained_variance_ratio": pca.explained_variance_ratio.tolist(),
-        "refusal_accuracy": probe_accuracy(refusal, coords, y_refusal),
-        "harmfulness_accuracy": probe_accuracy(harmfulness, coords, y_harmless),
+        "refusal_accuracy": refusal_accuracy,
+        "harmfulness_accuracy": harmfulness_accuracy,
+        "health": {**refusal_health, **harmfulness_health, "warnings": refusal_warnings + harmfulness_warnings},
         "refusal_fold_steps": refusal.fold_steps, "harmfulness_fold_steps": harmfulness.fold_steps,
         "refusal_heldout_bce": refusal.fold_heldout_bce, "harmfulness_heldout_bce": harmfulness.fold_heldout_bce,
         "refusal_weight_norm": float(refusal.weight.norm()), "harmfulness_weight_norm": float(harmfulness.weight.norm()),
@@ -222,18 +229,21 @@ def run_optimize(config: RunConfig, show_progress: bool = True) -> Path:
     directions = store.read_tensors(run_dir / "directions.safetensors")
     geometry = DroGeometry(directions["pca_components"], directions["refusal_weight"], directions["harmfulness_weight"])
     started = time.monotonic()
-    frozen = _load_frozen(config)
-    prompt = HUMAN_PROMPTS[cfg.init_prompt]
+    frozen = _load_frozen(config, cfg.dtype)
+    # `template_default`: the system prompt the model's template inserts by itself (condition `none`).
+    condition = "none" if cfg.init_prompt == "template_default" else cfg.init_prompt
+    prompt = None if condition == "none" else HUMAN_PROMPTS[condition]
     spans = {tuple(find_prompt_span(frozen.tokenizer, frozen.sentinel_id, prompt, q)) for q in data.queries[:8]}
     if len(spans) != 1:
         raise ValueError(f"the {cfg.init_prompt!r} prompt tokenises differently next to different queries")
     span = list(spans.pop())
-    init = frozen.embedding().weight[span].detach().float().clone()  # [N, H]
-    # Reference h0 = h(x, P) with the real human prompt; reuse the extract stage's states when it has them.
+    init = frozen.embedding().weight[span].detach().float().cpu().clone()  # [N, H]
+    # Reference h0 = h(x, P) with the real prompt in the optimisation's dtype (so Δz = 0 at step 0);
+    # reuse the extract stage's states when they were computed in that dtype.
     states_meta = store.read_json(run_dir / "states.json") if (run_dir / "states.json").is_file() else {}
-    if cfg.init_prompt in states_meta.get("conditions", []) and states_meta.get("model_dtype") == "float32":
+    if condition in states_meta.get("conditions", []) and states_meta.get("model_dtype") == cfg.dtype:
         reference = store.read_tensors(run_dir / "states.safetensors")["states"][
-            states_meta["conditions"].index(cfg.init_prompt)]
+            states_meta["conditions"].index(condition)]
     else:
         reference = extract_condition_states(frozen, prompt, data.queries, config.extract.batch_size)
     harmless = torch.tensor(data.harmless)
@@ -245,11 +255,33 @@ def run_optimize(config: RunConfig, show_progress: bool = True) -> Path:
     trained = soft_prompt_states_batched(frozen, soft, data.queries, config.extract.batch_size)
     store.write_tensors(out, {"soft_prompt": soft, "init_soft_prompt": init, "trained_states": trained,
                               "reference_states": reference})
+    health, warnings = optimization_health(history)
+    answers = check_answers(frozen, init, soft, data.queries, data.harmless, cfg.answer_check_queries,
+                            cfg.answer_check_tokens)
+    if answers:
+        answer_figures, answer_warnings = answer_health(answers["init"], answers["trained"], answers["harmless"])
+        health, warnings = {**health, **answer_figures}, warnings + answer_warnings
     store.write_json(run_dir / "optimize.json", {
         "init_prompt": cfg.init_prompt, "init_token_ids": span, "num_virtual_tokens": len(span),
-        "history": history, "score_shift": score_shift(trained, reference, harmless, directions)})
+        "dtype": cfg.dtype, "history": history, "health": {**health, "warnings": warnings}, "answers": answers,
+        "score_shift": score_shift(trained, reference, harmless, directions)})
     store.mark_done(run_dir, "optimize", key, time.monotonic() - started)
     return out
+
+
+def check_answers(frozen, init: torch.Tensor, trained: torch.Tensor, queries: list[str], harmless: list[float],
+                  per_class: int, max_new_tokens: int) -> dict:
+    """Greedy answers of the first `per_class` harmful and harmless training queries under θ0 and θ."""
+    from trainer.answers import greedy_answers
+
+    if per_class == 0:
+        return {}
+    chosen = ([i for i, h in enumerate(harmless) if h < 0.5][:per_class]
+              + [i for i, h in enumerate(harmless) if h >= 0.5][:per_class])
+    picked = [queries[i] for i in chosen]
+    return {"harmless": [harmless[i] >= 0.5 for i in chosen], "max_new_tokens": max_new_tokens,
+            "init": [a.to_json() for a in greedy_answers(frozen, init, picked, max_new_tokens)],
+            "trained": [a.to_json() for a in greedy_answers(frozen, trained, picked, max_new_tokens)]}
 
 
 def score_shift(trained: torch.Tensor, reference: torch.Tensor, harmless: torch.Tensor,

@@ -38,9 +38,12 @@ def summary_rows(run_dir: Path) -> list[tuple[str, str]]:
                  ("forced", str(balance["forced"]))]
     if (run_dir / "fit.json").is_file():
         fit = store.read_json(run_dir / "fit.json")
+        health = fit.get("health", {})
         rows += [("PCA explained variance (k)", ", ".join(f"{v:.3f}" for v in fit["explained_variance_ratio"])),
                  ("refusal / harmfulness probe acc.",
                   f"{fit['refusal_accuracy']:.3f} / {fit['harmfulness_accuracy']:.3f}"),
+                 ("majority baselines (refusal / harmf.)",
+                  f"{_fmt(health.get('refusal_majority_baseline'))} / {_fmt(health.get('harmfulness_majority_baseline'))}"),
                  ("|w_r| / |w_h|", f"{fit['refusal_weight_norm']:.4f} / {fit['harmfulness_weight_norm']:.4f}")]
     if (run_dir / "optimize.json").is_file():
         optimize = store.read_json(run_dir / "optimize.json")
@@ -48,10 +51,27 @@ def summary_rows(run_dir: Path) -> list[tuple[str, str]]:
         rows += [("soft prompt", f"{optimize['num_virtual_tokens']} tokens from '{optimize['init_prompt']}'"),
                  ("steps", str(len(optimize["history"]))),
                  ("loss first -> last", f"{first['loss']:.4f} -> {last['loss']:.4f}"),
-                 ("L_r first -> last", f"{first['refusal']:.4f} -> {last['refusal']:.4f}")]
+                 ("L_r first -> last", f"{first['refusal']:.4f} -> {last['refusal']:.4f}"),
+                 ("L_U first -> last", f"{first['off_subspace']:.4g} -> {last['off_subspace']:.4g}")]
         for name, value in optimize["score_shift"].items():
             rows.append((name.replace("_", " "), f"{value:+.4f}"))
+        health = optimize.get("health", {})
+        for label in ("harmful", "harmless"):
+            if f"{label}_words_init" in health:
+                rows.append((f"{label} answer words init -> trained",
+                             f"{health[f'{label}_words_init']:.0f} -> {health[f'{label}_words_trained']:.0f} "
+                             f"(finished {health[f'{label}_finished_init']:.0%} -> "
+                             f"{health[f'{label}_finished_trained']:.0%})"))
     return rows
+
+
+def health_warnings(run_dir: Path) -> list[str]:
+    """Every warning the fit and optimize stages recorded (trainer.health), in stage order."""
+    warnings: list[str] = []
+    for name in ("fit.json", "optimize.json"):
+        if (run_dir / name).is_file():
+            warnings += store.read_json(run_dir / name).get("health", {}).get("warnings", [])
+    return warnings
 
 
 def print_summary(run_dir: Path, stream: TextIO) -> None:
@@ -61,6 +81,8 @@ def print_summary(run_dir: Path, stream: TextIO) -> None:
     print(f"{'':-<{width + 30}}", file=stream)
     for key, value in rows:
         print(f"{key:<{width}}  {value}", file=stream)
+    for warning in health_warnings(run_dir):
+        print(f"WARNING: {warning}", file=stream)
 
 
 def write_plots(run_dir: Path, out_dir: Path) -> list[Path]:
@@ -109,12 +131,21 @@ def write_plots(run_dir: Path, out_dir: Path) -> list[Path]:
     plt.close(figure)
 
     history = optimize["history"]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    figure, axes = plt.subplots(1, 4, figsize=(17, 3.5))
     steps = [h["step"] for h in history]
     for ax, name, title in zip(axes, ("refusal", "harmfulness", "off_subspace"), ("L_r", "L_h", "L_U")):
         ax.plot(steps, [h[name] for h in history])
         ax.set_title(title)
         ax.set_xlabel("step")
+    health = optimize.get("health", {})
+    groups = [label for label in ("harmful", "harmless") if f"{label}_words_init" in health]
+    for offset, when in ((-0.2, "init"), (0.2, "trained")):
+        axes[3].bar([i + offset for i in range(len(groups))], [health[f"{g}_words_{when}"] for g in groups],
+                    width=0.4, label=when)
+    axes[3].set_xticks(range(len(groups)), groups)
+    axes[3].set_title("greedy answer length (words)")
+    if groups:
+        axes[3].legend(fontsize=8)
     figure.tight_layout()
     loss_path = out_dir / "loss_curves.png"
     figure.savefig(loss_path, dpi=110)

@@ -64,3 +64,25 @@ def test_tokenizer_without_chat_template_is_refused(tiny_model_dir):
 def test_unknown_condition_is_a_clear_error(frozen):
     with pytest.raises(ValueError, match="unknown prompt condition"):
         extract_states(frozen, ["loud"], ["hi"], show_progress=False)
+
+
+def test_template_default_span_is_the_system_prompt_the_template_inserts(frozen):
+    # SmolLM2's template inserts its own system prompt when a chat has none: that is the `none`
+    # condition, and `template_default` initialises θ from exactly those in-context tokens.
+    tok = frozen.tokenizer
+    span = find_prompt_span(tok, frozen.sentinel_id, None, "How do I bake bread?")
+    assert tok.decode(span).startswith("You are a helpful AI assistant named SmolLM")
+    with_sentinel = render_ids(tok, SENTINEL, "How do I bake bread?")
+    p = with_sentinel.index(frozen.sentinel_id)
+    assert render_ids(tok, None, "How do I bake bread?") == with_sentinel[:p] + span + with_sentinel[p + 1:]
+
+
+def test_template_without_a_default_system_prompt_has_no_template_default_span(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    sentinel_id = prepare_tokenizer_for_splice(tok)
+    with pytest.raises(ChatTemplateError, match="no default system prompt"):
+        find_prompt_span(tok, sentinel_id, None, "How do I bake bread?")

@@ -56,12 +56,16 @@ def test_forced_artifact_round_trips_into_the_gateway_loader(trained_run, tiny_m
     info = read_model_info(tiny_model_dir)
     check_artifact_fits(artifact, info)
     m = artifact.manifest
-    assert m.forced and m.origin == "dro-trainer" and m.init_prompt == "short" and m.dtype == "float32"
+    assert m.forced and m.origin == "dro-trainer" and m.init_prompt == "short" and m.dtype == "bfloat16"
     assert m.chat_template_sha256 == info.chat_template_sha256 == sha256_text(
         AutoTokenizer.from_pretrained(tiny_model_dir).chat_template)
-    assert artifact.soft_prompt.shape == (m.num_virtual_tokens, 256) and artifact.soft_prompt.dtype == torch.float32
+    assert artifact.soft_prompt.shape == (m.num_virtual_tokens, 256) and artifact.soft_prompt.dtype == torch.bfloat16
     assert artifact.tensors["pca_components"].shape == (256, 4) and artifact.tensors["refusal_bias"].shape == ()
     assert m.configs["optimize"]["epochs"] == 2 and len(m.data_hashes) == 2 and m.metrics["steps"] == 2
+    # Extract and optimize both ran in bf16, so the reference states are reused and step 1 (θ = θ0)
+    # has no drift at all; the health figures travel with the artifact.
+    assert m.metrics["training_dtype"] == "bfloat16" and m.metrics["health"]["off_subspace_first"] == 0.0
+    assert isinstance(m.metrics["health"]["warnings"], list)
     assert (run_dir / "plots" / "pca_queries.png").stat().st_size > 1000
     assert (run_dir / "plots" / "loss_curves.png").stat().st_size > 1000
 
@@ -70,8 +74,11 @@ def test_rerun_resumes_from_outputs(trained_run, capsys):
     run_dir, _, args = trained_run
     before = (run_dir / "soft_prompt.safetensors").stat().st_mtime_ns
     assert main(args) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert err.count("done earlier, skipped") == 5
+    # The summary shows the training-health warnings: labels that are all "complied" give no direction.
+    assert "WARNING: weak refusal direction" in captured.out
     assert (run_dir / "soft_prompt.safetensors").stat().st_mtime_ns == before
 
 

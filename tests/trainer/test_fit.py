@@ -100,3 +100,26 @@ def test_balance_check_fails_when_the_model_never_refuses_and_passes_when_it_tra
     noise = torch.full((4, 20), 0.7)  # refused 30% everywhere: no relation to harm
     assert any("margin" in r for r in check_balance(measure_balance(noise, harmless, ["a", "b", "c", "d"]),
                                                      BalanceConfig()))
+
+
+def test_converged_solver_reaches_the_regularised_optimum_and_beats_the_paper_recipe_on_small_coordinates():
+    # Small PCA coordinates (as in small models): the paper's tiny-lr recipe stops near its random
+    # init, the converged solver finds the logistic regression's optimum.
+    generator = torch.Generator().manual_seed(3)
+    coords = 0.05 * torch.randn(400, 4, generator=generator)
+    complied = (torch.rand(400, generator=generator) < torch.sigmoid(60 * coords[:, 0] - 30 * coords[:, 2])).float()
+    recipe = ProbeRecipe(num_folds=5, solver="converged", l2=0.01)
+    converged, _ = fit_probes(coords, complied, complied, recipe)
+    paper, _ = fit_probes(coords, complied, complied, ProbeRecipe(num_folds=5))
+    accuracy = lambda probe: float(((probe.logits(coords) > 0) == (complied > 0.5)).float().mean())
+    assert accuracy(converged) > accuracy(paper) + 0.05
+    assert converged.weight[0] > 0 and converged.weight[2] < 0
+    # Each fold sits at its optimum: the gradient of its regularised objective vanishes.
+    folds = fold_indices(400, 5, 42)
+    train = folds[0][0]
+    w = converged.fold_weights[0].double().requires_grad_(True)
+    b = converged.fold_biases[0].double().requires_grad_(True)
+    x, y = coords[train].double(), complied[train].double()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + 0.5 * 0.01 * w.pow(2).sum()
+    loss.backward()
+    assert float(w.grad.abs().max()) < 1e-4 and float(b.grad.abs()) < 1e-4

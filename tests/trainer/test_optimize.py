@@ -95,3 +95,27 @@ def test_zero_weight_disables_a_term(frozen, queries, setup):
     # Only L_U, which is 0 at θ0 with zero gradient: θ stays (weight decay aside) where it started.
     assert history[0]["loss"] < 1e-8
     torch.testing.assert_close(only_drift, theta0 * (1 - 1e-2 * 0.01), rtol=0, atol=1e-6)
+
+
+def test_bf16_forward_keeps_step_zero_exact_and_theta_float32(tiny_model_dir, queries, setup):
+    # Train in the dtype vLLM serves in: the model in bf16, θ a float32 master copy cast where it
+    # is spliced. With h0 computed in the same dtype, step 0 is still the text prompt exactly.
+    from trainer.extract import extract_condition_states
+    from trainer.model import load_frozen_model
+
+    qs, harmless = queries
+    geometry, _, _ = setup
+    frozen_bf16 = load_frozen_model(tiny_model_dir, "bfloat16")
+    assert frozen_bf16.dtype == torch.bfloat16
+    span = find_prompt_span(frozen_bf16.tokenizer, frozen_bf16.sentinel_id, HUMAN_PROMPTS[PROMPT], qs[0])
+    theta0 = frozen_bf16.embedding().weight[span].detach().float()
+    reference = extract_condition_states(frozen_bf16, HUMAN_PROMPTS[PROMPT], qs, batch_size=8)
+    with torch.no_grad():
+        terms = dro_loss_terms(soft_prompt_states(frozen_bf16, theta0, qs), reference, harmless, geometry)
+    assert abs(float(terms["refusal"].mean()) - math.log(2)) < 1e-6
+    assert float(terms["off_subspace"].mean()) == 0.0
+    theta, history = optimize_soft_prompt(frozen_bf16, qs, harmless, reference, theta0, geometry, LossWeights(),
+                                          Schedule(lr=2e-2, batch_size=8, micro_batch_size=4, epochs=3),
+                                          show_progress=False)
+    assert theta.dtype == torch.float32 and not torch.equal(theta, theta0)
+    assert history[-1]["refusal"] < history[0]["refusal"]

@@ -35,14 +35,33 @@ def trainer_answer(frozen, soft_prompt, query) -> str:
     return frozen.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("query", QUERIES)
-def test_trainer_forward_equals_vllm_prompt_embeds(frozen, soft_prompt, vllm_server, query):
+def vllm_answer(vllm_server, soft_prompt, query) -> tuple[str, int]:
+    """(greedy answer, usage.prompt_tokens) of the real vLLM server given θ as the system message."""
     body = {"model": vllm_server.served_name, "temperature": 0, "max_tokens": MAX_TOKENS,
             "messages": [{"role": "system", "content": [prompt_embeds_part(encode_prompt_embeds(soft_prompt))]},
                          {"role": "user", "content": query}]}
     response = httpx.post(f"{vllm_server.base_url}/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["message"]["content"] == trainer_answer(frozen, soft_prompt, query)
+    payload = response.json()
+    return payload["choices"][0]["message"]["content"], payload["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_trainer_forward_equals_vllm_prompt_embeds(frozen, soft_prompt, vllm_server, query):
+    answer, prompt_tokens = vllm_answer(vllm_server, soft_prompt, query)
+    assert answer == trainer_answer(frozen, soft_prompt, query)
+    # Same sequence on both sides: the spliced rendering's length is what vLLM counted.
+    batch = build_spliced_batch(frozen.tokenizer, frozen.sentinel_id, [query], soft_prompt.shape[0], frozen.pad_id)
+    assert prompt_tokens == int(batch.lengths[0])
+
+
+def test_another_soft_prompt_changes_the_answer(frozen, soft_prompt, vllm_server):
+    """Negative control: the equality above is not an answer that ignores the soft prompt."""
+    other = torch.randn(soft_prompt.shape, generator=torch.Generator().manual_seed(11)) * float(soft_prompt.std())
+    query = QUERIES[0]
+    answer_other, _ = vllm_answer(vllm_server, other, query)
+    assert answer_other == trainer_answer(frozen, other, query)
+    assert answer_other != trainer_answer(frozen, soft_prompt, query)
 
 
 def test_trainer_forward_equals_the_gateway_serving_the_artifact(frozen, soft_prompt, vllm_server,
