@@ -117,8 +117,21 @@ def summarise(sets: list[QuerySet], variants: tuple[str, ...], config: EvalConfi
                         f"{refusal_judge} + {judges.guard_name}")
             rows.append({"set": query_set.name, "kind": query_set.kind, "variant": variant,
                          "queries": len(query_set.queries), "complete_queries": complete,
-                         "guard_unparseable_samples": unparseable, "metrics": found_metrics})
+                         "guard_unparseable_samples": unparseable, "metrics": found_metrics,
+                         **(greedy_answer_shape(query_set, variant, answers) if config.greedy else {})})
     return rows
+
+
+def greedy_answer_shape(query_set: QuerySet, variant: str, answers: ResultCache) -> dict[str, Any]:
+    """How the greedy answers look, for usefulness: mean length in words and the share that ended on
+    their own (finish_reason 'stop') rather than at the token limit or a judge's early stop. Only
+    meaningful for answers generated to the end (`--full-greedy-answers`)."""
+    records = [answers.get((query_set.name, index, variant, GREEDY)) for index in range(len(query_set.queries))]
+    records = [record for record in records if record is not None]
+    if not records:
+        return {}
+    return {"greedy_words_mean": sum(len(record["text"].split()) for record in records) / len(records),
+            "greedy_finished_share": sum(record.get("finish_reason") == "stop" for record in records) / len(records)}
 
 
 def pooled_tradeoff(rows: list[dict[str, Any]], sets: list[QuerySet], variants: tuple[str, ...], config: EvalConfig,
@@ -173,8 +186,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"seed {config['seed']}.",
         "",
         "| set | kind | variant | queries | greedy refusal % [95% CI] | mean sample refusal % [95% CI] "
-        "| paper any-of-k % [95% CI] | paper compliance with harm judge % [95% CI] |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| paper any-of-k % [95% CI] | paper compliance with harm judge % [95% CI] | greedy words, finished % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["rows"]:
         found = row["metrics"]
@@ -185,7 +198,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['set']} | {row['kind']} | {row['variant']} | {queries} | "
                      f"{_percent(found.get('greedy_refusal'))} | {_percent(found.get('sample_refusal_mean'))} | "
                      f"{(paper_label + ' ' + _percent(paper)).strip() if paper else '–'} | "
-                     f"{_percent(found.get('paper_compliance_any'))} |")
+                     f"{_percent(found.get('paper_compliance_any'))} | "
+                     + (f"{row['greedy_words_mean']:.0f}, {100 * row['greedy_finished_share']:.0f}% |"
+                        if "greedy_words_mean" in row else "– |"))
     lines += ["", "Metrics:"] + [f"- `{name}`: {text}." for name, text in METRIC_TEXT.items()]
     lines += ["", "Intervals: Wilson 95% for greedy rates; percentile bootstrap (2000 resamples over queries) "
               "for mean and any-of-k rates.", "", f"Reproduce: `{report['command']}`", ""]

@@ -103,3 +103,18 @@ def test_trim_unfinished_tail_follows_the_paper() -> None:
     assert metrics.trim_unfinished_tail("one line without stop") == "one line without stop"
     assert metrics.trim_unfinished_tail("  Done!\n") == "Done!"
     assert metrics.line_count("a\nb\nc") == 3 and metrics.line_count("  ") == 0
+
+
+def test_greedy_answer_shape_reports_length_and_finished_share(tmp_path) -> None:
+    from evaluation.cache import ResultCache
+    from evaluation.querysets import QuerySet
+    from evaluation.report import greedy_answer_shape
+
+    answers = ResultCache(tmp_path / "answers.jsonl")
+    query_set = QuerySet("s", "harmless", ("a", "b", "c"), "test")
+    for index, (text, reason) in enumerate([(words(10), "stop"), (words(30), "length")]):
+        answers.append({"set": "s", "query_index": index, "variant": "dro", "sample": "greedy",
+                        "text": text, "finish_reason": reason})
+    shape = greedy_answer_shape(query_set, "dro", answers)
+    assert shape == {"greedy_words_mean": 20.0, "greedy_finished_share": 0.5}  # query c has no answer yet
+    assert greedy_answer_shape(query_set, "none", answers) == {}
