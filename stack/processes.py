@@ -1,6 +1,11 @@
 """Start, wait for and stop the stack's server processes (vLLM CPU server, gateway, Prometheus).
 
-Knows command lines and readiness probes; knows nothing about requests or models' contents.
+Knows command lines, readiness probes and shutdown; knows nothing about requests or models' contents.
+Each server is started as the leader of a new session (so its workers share one process group),
+after a check that its port is free; it is ready only when the answer comes from it (its process
+alive and holding the listening socket), never from a stranger on the same port. `stop_processes`
+stops any number of them together: SIGTERM to every group, one shared deadline, SIGKILL last, and
+it finishes whatever signals arrive meanwhile.
 """
 
 from __future__ import annotations
@@ -11,13 +16,21 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import httpx
 
+from stack.ports import command_line, ensure_port_free, listening_pids, session_owns_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("DRO_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+KILL_WAIT_S = 5.0  # after SIGKILL, how long to wait for the kernel to remove the processes
+POLL_S = 0.1
 
 
 def free_port() -> int:
@@ -79,66 +92,218 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
+def connect_host(host: str) -> str:
+    """Where a local client reaches a server bound to `host` (a wildcard address means loopback)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group `pgid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        # pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
 @dataclass
 class ManagedProcess:
-    """A child process with a log file, stopped by SIGTERM (then SIGKILL) on `stop()`."""
+    """A child process in its own session, with a log file (None: the parent's stdout and stderr).
+
+    `stop()` stops its whole process group (see `stop_processes`).
+    """
 
     name: str
     command: list[str]
-    log_path: Path
+    log_path: Path | None
     env: dict[str, str] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> "ManagedProcess":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        # A new session so that stop() can signal the whole group (vLLM spawns engine processes).
-        self.process = subprocess.Popen(
-            self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-        )
-        log.close()
+        if self.log_path is None:
+            log = None
+        else:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(self.log_path, "ab")
+        # A new session: stop() can signal the whole group (vLLM spawns engine processes), and a
+        # Ctrl-C meant for the parent's terminal group reaches only the parent, which stops the rest.
+        try:
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT if log else None, env=self.env,
+                start_new_session=True,
+            )
+        finally:
+            if log is not None:
+                log.close()
         return self
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def group_alive(self) -> bool:
+        """The process or any process left in its group (an orphaned worker) still runs."""
+        return self.alive() or (self.process is not None and bool(group_members(self.process.pid)))
+
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:  # the group is already empty
+            pass
+
+    def owns_port(self, port: int) -> bool:
+        """This process is alive and it (or its session) holds the socket listening on `port`."""
+        return self.alive() and session_owns_port(self.process.pid, port)
+
     def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None:
+            return ""
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
 
-    def wait_http_ok(self, url: str, timeout_s: float) -> None:
-        """Poll `url` until it answers 200; raise with the log tail if the process dies or times out."""
+    def wait_http_ok(self, url: str, timeout_s: float, *, port: int | None = None,
+                     accept: Callable[[httpx.Response], bool] | None = None) -> None:
+        """Poll `url` until it answers 200; raise with the log tail if the process dies or times out.
+
+        With `port`, the answer counts only while this process holds the socket listening on that
+        port; with `accept`, only when `accept(response)` is true (e.g. the right model id).
+        """
         deadline = time.monotonic() + timeout_s
+        stranger = ""
         while time.monotonic() < deadline:
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited early (code {self.process.returncode}):\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited early (code {self.process.returncode}){stranger}:\n"
+                                   f"{self.log_tail()}")
             try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return
+                response = httpx.get(url, timeout=2.0)
             except httpx.HTTPError:
-                pass
+                response = None
+            if response is not None and response.status_code == 200 and (accept is None or accept(response)):
+                if port is None or self.owns_port(port):
+                    return
+                holders = sorted(listening_pids(port))
+                stranger = f"; port {port} is answered by " + (
+                    ", ".join(f"PID {pid} ({command_line(pid)})" for pid in holders) or "a process of another user")
             time.sleep(0.5)
-        raise TimeoutError(f"{self.name} not ready at {url} after {timeout_s:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"{self.name} not ready at {url} after {timeout_s:.0f} s{stranger}:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=5)
+        stop_processes([self], timeout_s)
 
 
-def start_vllm(model_dir: str | Path, *, served_model_name: str, port: int, log_path: Path,
+@contextmanager
+def signals_blocked(signals: Iterable[int] = STOP_SIGNALS) -> Iterator[None]:
+    """Hold back `signals` in this thread; pending ones are delivered on exit."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def stop_processes(processes: Iterable[ManagedProcess], timeout_s: float = 20.0) -> None:
+    """Stop the process groups of all `processes` together, within timeout_s + KILL_WAIT_S.
+
+    SIGTERM goes to every group at once, then one shared deadline, then SIGKILL to the groups left.
+    Idempotent. It completes whatever signals arrive meanwhile: SIGINT, SIGTERM and SIGHUP are held
+    back until it returns (then delivered), and a KeyboardInterrupt or SystemExit raised by a
+    handler that was already due is kept, the stopping resumed, and the exception re-raised at the end.
+    """
+    started = [process for process in processes if process.process is not None]
+    deadline = time.monotonic() + timeout_s
+    interruption: BaseException | None = None
+    with signals_blocked():
+        # A few rounds at most: with the signals blocked only handlers already due can interrupt.
+        for _ in range(10):
+            try:
+                _terminate_groups(started, deadline)
+                break
+            except (KeyboardInterrupt, SystemExit) as exc:
+                interruption = interruption or exc
+    if interruption is not None:
+        raise interruption
+
+
+def _terminate_groups(processes: list[ManagedProcess], deadline: float) -> None:
+    live = [process for process in processes if process.group_alive()]
+    for process in live:
+        process.signal_group(signal.SIGTERM)
+    while live and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        live = [process for process in live if process.group_alive()]
+    if live:
+        for process in live:
+            process.signal_group(signal.SIGKILL)
+        kill_deadline = time.monotonic() + KILL_WAIT_S
+        while live and time.monotonic() < kill_deadline:
+            time.sleep(POLL_S)
+            live = [process for process in live if process.group_alive()]
+    if live:
+        warnings.warn(f"still running after SIGKILL: {', '.join(process.name for process in live)} "
+                      f"(process groups {', '.join(str(process.pid) for process in live)})", RuntimeWarning)
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP for a command that supervises servers (`make serve`).
+
+    The first one raises KeyboardInterrupt, so a wait or a start-up is abandoned and the caller's
+    `finally` stops its servers; later ones only print a note, since stopping has begun and must
+    finish (a second Ctrl-C, or `kill -TERM -- -PGID` reaching both make and Python, must not
+    orphan a server). Handlers are set explicitly because a shell that starts a command in the
+    background ignores SIGINT, and Python then installs no KeyboardInterrupt handler.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.stopping_begun = False
+
+    def install(self) -> "StopSignals":
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
+        return self
+
+    def stopping(self) -> None:
+        """Stopping has begun for another reason (a server exited): signals now only print a note."""
+        self.stopping_begun = True
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None and not self.stopping_begun:
+            self.received = signum
+            raise KeyboardInterrupt
+        try:
+            os.write(2, f"\n{signal.Signals(signum).name}: already stopping, please wait.\n".encode())
+        except OSError:  # the terminal is gone (SIGHUP); the note is only a courtesy
+            pass
+
+
+def lists_model(served_model_name: str) -> Callable[[httpx.Response], bool]:
+    """Accepts a /v1/models answer that lists `served_model_name`."""
+    def accept(response: httpx.Response) -> bool:
+        try:
+            return served_model_name in [model.get("id") for model in response.json().get("data", [])]
+        except (ValueError, AttributeError):
+            return False
+    return accept
+
+
+def start_vllm(model_dir: str | Path, *, served_model_name: str, port: int, log_path: Path | None,
                dtype: str | None = None, max_model_len: int = 2048, timeout_s: float = 300.0) -> ManagedProcess:
-    """Start a vLLM CPU server and wait for /health."""
+    """Start a vLLM CPU server on 127.0.0.1:port (which must be free) and wait until it serves
+    `served_model_name` from the process just started."""
+    ensure_port_free(port, "127.0.0.1")
     proc = ManagedProcess(
         name=f"vllm[{served_model_name}]",
         command=vllm_command(model_dir, served_model_name=served_model_name, port=port, dtype=dtype,
@@ -147,7 +312,8 @@ def start_vllm(model_dir: str | Path, *, served_model_name: str, port: int, log_
         env=vllm_env(),
     ).start()
     try:
-        proc.wait_http_ok(f"http://127.0.0.1:{port}/health", timeout_s)
+        proc.wait_http_ok(f"http://127.0.0.1:{port}/v1/models", timeout_s, port=port,
+                          accept=lists_model(served_model_name))
     except BaseException:
         proc.stop()
         raise
@@ -156,7 +322,9 @@ def start_vllm(model_dir: str | Path, *, served_model_name: str, port: int, log_
 
 def start_gateway(config_path: Path, *, port: int, log_path: Path, host: str = "127.0.0.1",
                   timeout_s: float = 60.0, env: dict[str, str] | None = None, workers: int = 1) -> ManagedProcess:
-    """Start the gateway (`python -m gateway`) from a YAML config and wait for /ready."""
+    """Start the gateway (`python -m gateway`) from a YAML config on host:port (which must be free)
+    and wait until the process just started answers /ready."""
+    ensure_port_free(port, host)
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env["GATEWAY_CONFIG"] = str(config_path)
@@ -167,7 +335,7 @@ def start_gateway(config_path: Path, *, port: int, log_path: Path, host: str = "
         env=full_env,
     ).start()
     try:
-        proc.wait_http_ok(f"http://127.0.0.1:{port}/ready", timeout_s)
+        proc.wait_http_ok(f"http://{connect_host(host)}:{port}/ready", timeout_s, port=port)
     except BaseException:
         proc.stop()
         raise

@@ -1,0 +1,159 @@
+"""ManagedProcess and stop_processes without vLLM: readiness that a stranger cannot fake, and a
+shutdown that completes whatever signals arrive, SIGKILL last, on one shared deadline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from stack.processes import REPO_ROOT, ManagedProcess, free_port, lists_model
+from tests.stack.process_tree import survivors
+
+
+class _ModelsHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps({"object": "list", "data": [{"id": "tiny"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def stranger() -> Iterator[int]:
+    """An HTTP server in this test process that answers 200 and lists model `tiny` on every path."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ModelsHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_stranger_answering_on_the_port_is_not_our_server(stranger: int, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{stranger}/v1/models"
+    process = ManagedProcess("idle", ["sleep", "60"], tmp_path / "idle.log").start()
+    try:
+        with pytest.raises(TimeoutError, match=rf"port {stranger} is answered by PID {os.getpid()} "):
+            process.wait_http_ok(url, 2.0, port=stranger, accept=lists_model("tiny"))
+    finally:
+        process.stop()
+    # The usual end: our server cannot bind the stranger's port and exits; the error says who answered.
+    process = ManagedProcess("short-lived", ["sleep", "1.5"], tmp_path / "short.log").start()
+    try:
+        with pytest.raises(RuntimeError, match=rf"exited early .*port {stranger} is answered by PID {os.getpid()}"):
+            process.wait_http_ok(url, 30.0, port=stranger, accept=lists_model("tiny"))
+    finally:
+        process.stop()
+
+
+def test_our_own_server_is_ready_and_a_wrong_model_is_not(tmp_path: Path) -> None:
+    port = free_port()
+    process = ManagedProcess("http", [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                             tmp_path / "http.log").start()
+    try:
+        process.wait_http_ok(f"http://127.0.0.1:{port}/", 20.0, port=port)
+        assert process.owns_port(port)
+        with pytest.raises(TimeoutError):
+            process.wait_http_ok(f"http://127.0.0.1:{port}/", 1.0, port=port, accept=lists_model("tiny"))
+    finally:
+        process.stop()
+    assert not process.owns_port(port)
+
+
+# A server that ignores SIGTERM, with a worker (its child, same group) that ignores it too.
+STUBBORN = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+time.sleep(600)
+"""
+
+# Supervises two stubborn servers the way stack.serve does; prints their PIDs, then waits to be signalled.
+SUPERVISOR = f"""
+import sys, time
+from pathlib import Path
+from stack.processes import ManagedProcess, StopSignals, stop_processes
+signals = StopSignals().install()
+servers = [ManagedProcess(f"server{{i}}", [sys.executable, "-c", {STUBBORN!r}], Path(sys.argv[1]) / f"{{i}}.log").start()
+           for i in range(2)]
+try:
+    print(" ".join(str(server.pid) for server in servers), flush=True)
+    while True:
+        time.sleep(1)
+except KeyboardInterrupt:
+    print("stopping", flush=True)
+finally:
+    signals.stopping()
+    started = time.monotonic()
+    stop_processes(servers, timeout_s=float(sys.argv[2]))
+    print(f"stopped in {{time.monotonic() - started:.1f}} s", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signals", [
+    ("SIGINT",),
+    ("SIGINT", "SIGINT"),
+    ("SIGTERM", "SIGTERM", "SIGTERM", "SIGTERM"),
+    ("SIGHUP", "SIGINT", "SIGTERM"),
+], ids="+".join)
+def test_shutdown_survives_repeated_signals_and_kills_what_ignores_sigterm(signals: tuple[str, ...],
+                                                                         tmp_path: Path) -> None:
+    stop_timeout_s = 3.0
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(tmp_path), str(stop_timeout_s)],
+                                  cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+    leaders = {supervisor.pid}
+    try:
+        leaders |= {int(pid) for pid in supervisor.stdout.readline().split()}
+        assert len(leaders) == 3, supervisor.stderr.read()
+        deadline = time.monotonic() + 30
+        while len(survivors(leaders - {supervisor.pid})) < 4:  # two servers (SIGTERM ignored), two workers
+            assert time.monotonic() < deadline, survivors(leaders)
+            time.sleep(0.1)
+        started = time.monotonic()
+        for name in signals:
+            os.killpg(supervisor.pid, getattr(signal, name))  # the group: as a terminal or a supervisor does
+            time.sleep(0.3)
+        stdout, stderr = supervisor.communicate(timeout=30)
+        elapsed = time.monotonic() - started
+        assert supervisor.returncode == 0, stderr
+        assert "Traceback" not in stderr
+        assert "stopped in" in stdout
+        # SIGTERM was given its time, on one shared deadline for both servers (not one after the
+        # other), then SIGKILL.
+        assert stop_timeout_s <= elapsed < 2 * stop_timeout_s
+        assert survivors(leaders) == {}
+    finally:
+        for leader in leaders:
+            try:
+                os.killpg(leader, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        supervisor.communicate()
+
+
+def test_stop_is_idempotent_and_reaps(tmp_path: Path) -> None:
+    process = ManagedProcess("sleeper", ["sleep", "60"], tmp_path / "sleep.log").start()
+    process.stop()
+    process.stop()
+    assert process.process.returncode == -signal.SIGTERM
+    assert not process.group_alive()
+    ManagedProcess("never-started", ["true"], None).stop()
