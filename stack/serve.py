@@ -12,6 +12,7 @@ SIGHUP, however often they arrive. Artifacts are validated by the gateway at sta
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,22 +31,34 @@ MODEL_NAME = EMBEDDED_MODELS[DEFAULT_MODEL]
 STOP_TIMEOUT_S = 20.0
 
 
-def committed_artifacts(model_name: str) -> dict[str, str]:
-    """The trained DRO artifact committed for a model's public id, when there is one."""
+def committed_artifacts(model_name: str, *, allow_forced: bool = False) -> dict[str, str]:
+    """The trained DRO artifact committed for a model's public id, when there is one.
+
+    An artifact marked `forced` (trained past a failed label-balance check) is left out unless
+    `allow_forced`: the gateway would refuse it anyway (models[].allow_forced_artifacts).
+    """
     folder = REPO_ROOT / "artifacts" / model_name / "dro"
-    return {"dro": str(folder)} if (folder / "manifest.json").is_file() else {}
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return {}
+    if json.loads(manifest.read_text()).get("forced") and not allow_forced:
+        print(f"note: {folder} is marked forced (its labels could not support a refusal direction); not served. "
+              "Pass --allow-forced dro to serve it anyway.", file=sys.stderr)
+        return {}
+    return {"dro": str(folder)}
 
 
 def gateway_config(model: str | Path, name: str, vllm_port: int, *, with_dro: bool = False,
-                   artifacts: dict[str, str] | None = None, default_variant: str | None = None) -> dict:
+                   artifacts: dict[str, str] | None = None, default_variant: str | None = None,
+                   allow_forced: tuple[str, ...] = ()) -> dict:
     """Gateway settings for one model served by vLLM as `name`.
 
     `with_dro` adds the committed DRO artifact of `name` (see committed_artifacts), which becomes
     the default variant unless `default_variant` says otherwise; `artifacts` (variant -> folder)
     are added or override it. A local model folder is given as model_path so that artifacts are
-    validated against it.
+    validated against it. `allow_forced` names the artifact variants served although marked forced.
     """
-    committed = committed_artifacts(name) if with_dro else {}
+    committed = committed_artifacts(name, allow_forced="dro" in allow_forced) if with_dro else {}
     served = {**committed, **(artifacts or {})}
     return {
         "upstream_urls": [f"http://127.0.0.1:{vllm_port}"],
@@ -55,6 +68,7 @@ def gateway_config(model: str | Path, name: str, vllm_port: int, *, with_dro: bo
             "model_path": str(model) if Path(model).is_dir() else None,
             "default_variant": default_variant or ("dro" if committed else "default"),
             "artifacts": served,
+            **({"allow_forced_artifacts": [v for v in allow_forced if v in served]} if allow_forced else {}),
         }],
     }
 
@@ -115,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="vLLM --dtype (default: the checkpoint's)")
     parser.add_argument("--artifact", action="append", type=parse_artifact, default=[], metavar="NAME=DIR",
                         help="serve a trained artifact folder as variant NAME (repeatable)")
+    parser.add_argument("--allow-forced", action="append", default=[], metavar="NAME",
+                        help="serve artifact variant NAME even though it is marked forced (trained past a failed "
+                        "label-balance check); the gateway refuses such artifacts otherwise")
     parser.add_argument("--default-variant", default=None,
                         help="variant for the bare model id (default: dro when the committed one is served, "
                         "else default)")
@@ -127,12 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--name is required with a model folder")
     if args.port == args.vllm_port:
         parser.error("--port and --vllm-port must differ")
-    committed = committed_artifacts(embedded) if embedded else {}
+    committed = committed_artifacts(embedded, allow_forced="dro" in args.allow_forced) if embedded else {}
 
     def config_for(model_dir: Path) -> dict:
         # The committed artifact belongs to the embedded model, whatever id it is served as.
         return gateway_config(model_dir, name, args.vllm_port, artifacts={**committed, **dict(args.artifact)},
-                              default_variant=args.default_variant or ("dro" if committed else None))
+                              default_variant=args.default_variant or ("dro" if committed else None),
+                              allow_forced=tuple(args.allow_forced))
 
     problem = check_config(config_for(Path(args.model)))
     if problem:

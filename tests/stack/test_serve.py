@@ -16,6 +16,7 @@ from typing import Iterator
 import httpx
 import pytest
 
+from gateway.settings import ModelConfig
 from stack.ports import ensure_port_free
 from stack.processes import REPO_ROOT, free_port
 from stack.serve import committed_artifacts, gateway_config, usage
@@ -27,12 +28,20 @@ STOP_BOUND_S = 60.0  # stack.serve's stop timeout (20 s) + SIGKILL wait (5 s) + 
 
 
 def test_committed_artifact_is_the_default_variant_and_user_artifacts_are_added(tmp_path: Path) -> None:
-    assert committed_artifacts(SMOLLM2) == {"dro": str(REPO_ROOT / "artifacts" / SMOLLM2 / "dro")}
+    # SmolLM2's committed artifact is marked forced: left out unless allowed, and then the gateway
+    # config names it in allow_forced_artifacts (the gateway refuses it otherwise).
+    smollm2_dro = str(REPO_ROOT / "artifacts" / SMOLLM2 / "dro")
+    assert committed_artifacts(SMOLLM2) == {}
+    assert committed_artifacts(SMOLLM2, allow_forced=True) == {"dro": smollm2_dro}
     assert committed_artifacts("no-such-model") == {}
-    (model,) = gateway_config(tmp_path, SMOLLM2, 8123, with_dro=True, artifacts={"mine": "/a/mine"})["models"]
+    (model,) = gateway_config(tmp_path, SMOLLM2, 8123, with_dro=True, artifacts={"mine": "/a/mine"},
+                              allow_forced=("dro",))["models"]
     assert model == {"name": SMOLLM2, "upstream_model": SMOLLM2, "model_path": str(tmp_path),
-                     "default_variant": "dro", "artifacts": {"dro": str(REPO_ROOT / "artifacts" / SMOLLM2 / "dro"),
-                                                             "mine": "/a/mine"}}
+                     "default_variant": "dro", "artifacts": {"dro": smollm2_dro, "mine": "/a/mine"},
+                     "allow_forced_artifacts": ["dro"]}
+    ModelConfig(**model)
+    (model,) = gateway_config(tmp_path, SMOLLM2, 8123, with_dro=True)["models"]
+    assert (model["default_variant"], model["artifacts"]) == ("default", {})
     (model,) = gateway_config("not/a/folder", "m", 8123, artifacts={"mine": "/a/mine"}, default_variant="mine")["models"]
     assert (model["model_path"], model["default_variant"], model["artifacts"]) == (None, "mine", {"mine": "/a/mine"})
     (model,) = gateway_config(tmp_path, "m", 8123)["models"]
