@@ -146,7 +146,7 @@ BUILTIN_SETS: dict[str, BuiltinSet] = {
     "self_instruct": BuiltinSet("harmless", _load_self_instruct, None,
                                 "Self-Instruct user-oriented instructions (252)"),
     "sounds_harmful": BuiltinSet("harmless", _load_sounds_harmful, None,
-                                 "harmless queries that sound harmful (80), written for this project; held out"),
+                                 "harmless queries that sound harmful (100), written for this project; held out"),
 }
 
 
