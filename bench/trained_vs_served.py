@@ -26,8 +26,9 @@ import torch
 from evaluation.querysets import load_builtin_set
 from gateway.artifact import load_artifact
 from gateway.splice import encode_prompt_embeds, prompt_embeds_part
-from trainer.chat import build_spliced_batch, embed_spliced_batch
-from trainer.model import greedy_generate, load_frozen_model
+from trainer.answers import greedy_answers
+from trainer.chat import build_spliced_batch
+from trainer.model import load_frozen_model
 
 
 def served_tokens(client: httpx.Client, served_name: str, encoded: str, query: str, max_tokens: int,
@@ -70,8 +71,6 @@ def main() -> int:
     artifact = load_artifact(args.artifact)
     soft = artifact.soft_prompt
     encoded = encode_prompt_embeds(soft)
-    configured = frozen.model.generation_config.eos_token_id
-    eos = {frozen.tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
     queries = [q for name in args.sets.split(",") for q in load_builtin_set(name).head(args.limit).queries]
     with httpx.Client(base_url=args.vllm_url, timeout=300) as client, ThreadPoolExecutor(8) as pool:
         served = list(pool.map(lambda q: served_tokens(client, args.served_name, encoded, q, args.max_tokens,
@@ -79,10 +78,7 @@ def main() -> int:
     rows = []
     for query, (served_ids, served_prompt_tokens) in zip(queries, served):
         batch = build_spliced_batch(frozen.tokenizer, frozen.sentinel_id, [query], soft.shape[0], frozen.pad_id)
-        with torch.no_grad():
-            embeds = embed_spliced_batch(frozen.embedding(), batch, soft)
-        tokens = [t for t in greedy_generate(frozen.model, embeds, args.max_tokens, eos) if t not in eos]
-        trained_text = frozen.tokenizer.decode(tokens, skip_special_tokens=True)
+        trained_text = greedy_answers(frozen, soft, [query], args.max_tokens)[0].text
         trained_ids = frozen.tokenizer.encode(trained_text, add_special_tokens=False)
         served_text = frozen.tokenizer.decode(served_ids)
         rows.append({"query": query, "identical": trained_text.strip() == served_text.strip(),

@@ -66,6 +66,10 @@ def test_forced_artifact_round_trips_into_the_gateway_loader(trained_run, tiny_m
     # has no drift at all; the health figures travel with the artifact.
     assert m.metrics["training_dtype"] == "bfloat16" and m.metrics["health"]["off_subspace_first"] == 0.0
     assert isinstance(m.metrics["health"]["warnings"], list)
+    # The answer-length check ran: greedy answers of the 2 + 2 training queries under θ0 and θ.
+    optimize = json.loads((run_dir / "optimize.json").read_text())
+    assert len(optimize["answers"]["init"]) == len(optimize["answers"]["trained"]) == 4
+    assert m.metrics["health"]["harmless_words_init"] > 0 and "harmful_finished_trained" in m.metrics["health"]
     assert (run_dir / "plots" / "pca_queries.png").stat().st_size > 1000
     assert (run_dir / "plots" / "loss_curves.png").stat().st_size > 1000
 
