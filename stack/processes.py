@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 
 import httpx
 
-from stack.ports import command_line, ensure_port_free, listening_pids, session_owns_port
+from stack.ports import PortInUseError, command_line, ensure_port_free, listening_pids, session_owns_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("DRO_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
@@ -287,6 +287,38 @@ class StopSignals:
             os.write(2, f"\n{signal.Signals(signum).name}: already stopping, please wait.\n".encode())
         except OSError:  # the terminal is gone (SIGHUP); the note is only a courtesy
             pass
+
+
+def supervise(start: Callable[[list[ManagedProcess]], None], signals: StopSignals, *, stop_timeout_s: float,
+              exit_note: str, stop_note: str) -> int:
+    """The supervising loop of `make serve` and `python -m stack.vllm`, with its exit codes in one place.
+
+    `start(servers)` starts the servers, appending each to `servers` as soon as it exists; then this
+    waits while all are alive. Returns 1 when a server exits by itself (`exit_note` is printed) or one
+    fails to start, 2 when a port was taken after the caller's check, 0 on the first stop signal
+    (`stop_note`); in every case everything started is stopped before returning.
+    """
+    servers: list[ManagedProcess] = []
+    try:
+        start(servers)
+        while all(server.alive() for server in servers):
+            time.sleep(1)
+        codes = ", ".join(f"{server.name} code {server.process.returncode}" for server in servers
+                          if not server.alive() and server.process is not None)
+        print(f"{exit_note} ({codes})", file=sys.stderr)
+        return 1
+    except PortInUseError as exc:  # taken between the caller's check and the start
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{stop_note}", flush=True)
+        return 0
+    finally:
+        signals.stopping()
+        stop_processes(servers, stop_timeout_s)
 
 
 def lists_model(served_model_name: str) -> Callable[[httpx.Response], bool]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -23,12 +22,11 @@ from pydantic import ValidationError
 from gateway.settings import RESERVED_VARIANTS, ModelConfig
 
 from stack.ports import PortInUseError, ensure_port_free
-from stack.processes import REPO_ROOT, StopSignals, connect_host, start_gateway, start_vllm, stop_processes
-from stack.vllm import EMBEDDED_MODELS, READY_TIMEOUT_S, prepare_model, public_name
+from stack.processes import REPO_ROOT, StopSignals, connect_host, start_gateway, start_vllm, supervise
+from stack.vllm import EMBEDDED_MODELS, READY_TIMEOUT_S, STOP_TIMEOUT_S, prepare_model, public_name
 
 DEFAULT_MODEL = "qwen"
 MODEL_NAME = EMBEDDED_MODELS[DEFAULT_MODEL]
-STOP_TIMEOUT_S = 20.0
 
 
 def committed_artifacts(model_name: str, *, allow_forced: bool = False) -> dict[str, str]:
@@ -165,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    servers = []
-    try:
+
+    def start(servers: list) -> None:
         model_dir = prepare_model(args.model)
         config = config_for(model_dir)
         print(f"Starting vLLM (CPU) on 127.0.0.1:{args.vllm_port}; log: {run_dir / 'vllm.log'}", flush=True)
@@ -178,23 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(start_gateway(config_path, port=args.port, host=args.host, log_path=run_dir / "gateway.log"))
         variants = [*RESERVED_VARIANTS, *config["models"][0]["artifacts"]]
         print(usage(args.host, args.port, args.vllm_port, [name, *(f"{name}@{v}" for v in variants)]), flush=True)
-        while all(server.alive() for server in servers):
-            time.sleep(1)
-        print(f"A server exited; see the logs in {run_dir}.", file=sys.stderr)
-        return 1
-    except PortInUseError as exc:  # taken between the check above and the start
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nStopping...", flush=True)
-        return 0
-    finally:
-        signals.stopping()
-        stop_processes(servers, STOP_TIMEOUT_S)
 
+    return supervise(start, signals, stop_timeout_s=STOP_TIMEOUT_S,
+                     exit_note=f"A server exited; see the logs in {run_dir}.", stop_note="Stopping...")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from stack.ports import PortInUseError, ensure_port_free
-from stack.processes import StopSignals, start_vllm
+from stack.processes import StopSignals, start_vllm, supervise
 from trainer.model_zoo import QWEN_NAME
 
 # Public model ids of the embedded models (the names in trainer.model_zoo.MODELS).
 EMBEDDED_MODELS = {"qwen": QWEN_NAME, "smollm2": "smollm2-135m-instruct"}
+STOP_TIMEOUT_S = 20.0
 READY_TIMEOUT_S = 600.0  # Qwen2.5-Coder-0.5B takes ~60 s on two CPU cores; the first run also compiles kernels
 
 
@@ -59,31 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    vllm = None
-    try:
+    def start(servers: list) -> None:
         model_dir = prepare_model(args.model)
         print(f"Starting vLLM (CPU) for {model_dir} as {name} on 127.0.0.1:{args.port}", flush=True)
-        vllm = start_vllm(model_dir, served_model_name=name, port=args.port, log_path=None, dtype=args.dtype,
-                          max_model_len=args.max_model_len, timeout_s=READY_TIMEOUT_S)
+        servers.append(start_vllm(model_dir, served_model_name=name, port=args.port, log_path=None, dtype=args.dtype,
+                                  max_model_len=args.max_model_len, timeout_s=READY_TIMEOUT_S))
         print(f"\nvLLM is ready: http://127.0.0.1:{args.port}/v1 serves {name}. Ctrl-C stops it.", flush=True)
-        while vllm.alive():
-            time.sleep(1)
-        print(f"vLLM exited (code {vllm.process.returncode}).", file=sys.stderr)
-        return 1
-    except PortInUseError as exc:  # taken since the check above
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nStopping vLLM...", flush=True)
-        return 0
-    finally:
-        signals.stopping()
-        if vllm is not None:
-            vllm.stop()
 
+    return supervise(start, signals, stop_timeout_s=STOP_TIMEOUT_S, exit_note="vLLM exited.",
+                     stop_note="Stopping vLLM...")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,11 +8,11 @@ models.
 from __future__ import annotations
 
 import csv
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import DataConfig
+from trainer.store import sha256_file
 
 
 class QueryFileError(ValueError):
@@ -34,10 +34,6 @@ def read_queries(path: Path, column: str = "goal") -> list[str]:
     if not queries:
         raise QueryFileError(f"query file {path} holds no queries")
     return queries
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)

