@@ -112,6 +112,8 @@ class OptimizeConfig(_Strict):
     weight_refusal: float = Field(default=1.0, ge=0)
     weight_harmfulness: float = Field(default=0.01, ge=0)
     weight_off_subspace: float = Field(default=0.001, ge=0)
+    weight_harmless: float = Field(default=1.0, gt=0, description=(
+        "sample weight of harmless queries (paper: 1); above 1 trades harmful gain for fewer false refusals"))
     lr: float = 1e-3
     weight_decay: float = 0.01
     clip_norm: float = 1.0

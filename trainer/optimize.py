@@ -6,6 +6,7 @@ Loss (authors' `train.py:238-255`), per batch, measured relative to the human pr
     L_h = BCEwithLogits(Δz · w_h, y)
     L_U = mean_b ‖(I − UUᵀ)(hθ − h0)‖² / (hidden − k)   (drift off the PCA subspace)
     L   = α_r L_r + α_h L_h + α_U L_U                  (paper: 1, 0.01, 0.001; 0 disables a term)
+    each sample's L is multiplied by its class weight: 1 for harmful, `harmless` (paper: 1) for harmless.
 θ is placed exactly where vLLM splices a `prompt_embeds` system message (`trainer.chat`). The
 loop is the authors': AdamW(lr, weight decay), clip_grad_norm(θ, 1.0) after backward, batches of
 50 drawn by one `random.Random(seed)` that reshuffles the same index list every epoch. Batches may
@@ -43,6 +44,9 @@ class LossWeights:
     refusal: float = 1.0
     harmfulness: float = 0.01
     off_subspace: float = 0.001
+    # Sample weight of harmless queries relative to harmful ones (1 = the paper's plain mean). Above 1
+    # the optimiser trades part of the harmful queries' gain for fewer false refusals.
+    harmless: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,12 @@ def dro_loss_terms(h_theta: torch.Tensor, h_ref: torch.Tensor, harmless: torch.T
     }
 
 
-def combine_loss(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
-    """Weighted sum of per-sample terms -> [B] (mean it for the batch loss)."""
-    return (weights.refusal * terms["refusal"] + weights.harmfulness * terms["harmfulness"]
-            + weights.off_subspace * terms["off_subspace"])
+def combine_loss(terms: dict[str, torch.Tensor], weights: LossWeights, harmless: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of per-sample terms, times each sample's class weight -> [B] (mean it for the batch
+    loss). harmless [B] float in {0, 1}."""
+    per_sample = (weights.refusal * terms["refusal"] + weights.harmfulness * terms["harmfulness"]
+                  + weights.off_subspace * terms["off_subspace"])
+    return per_sample * (1.0 + (weights.harmless - 1.0) * harmless.float())
 
 
 def soft_prompt_states(frozen: FrozenChatModel, soft_prompt: torch.Tensor, queries: list[str]) -> torch.Tensor:
@@ -135,7 +141,7 @@ def optimize_soft_prompt(frozen: FrozenChatModel, queries: list[str], harmless: 
                 part = batch[start:start + schedule.micro_batch_size]
                 h_theta = soft_prompt_states(frozen, theta, [queries[i] for i in part])
                 terms = dro_loss_terms(h_theta, reference_states[part], harmless[part], geometry)
-                per_sample = combine_loss(terms, weights)
+                per_sample = combine_loss(terms, weights, harmless[part])
                 # Sum of micro-batch sums / batch size == the full batch's mean: same gradient.
                 (per_sample.sum() / len(batch)).backward()
                 for name, value in terms.items():

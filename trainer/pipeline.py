@@ -249,7 +249,7 @@ def run_optimize(config: RunConfig, show_progress: bool = True) -> Path:
     harmless = torch.tensor(data.harmless)
     schedule = Schedule(lr=cfg.lr, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, batch_size=cfg.batch_size,
                         micro_batch_size=cfg.micro_batch_size, epochs=cfg.epochs, seed=cfg.seed)
-    weights = LossWeights(cfg.weight_refusal, cfg.weight_harmfulness, cfg.weight_off_subspace)
+    weights = LossWeights(cfg.weight_refusal, cfg.weight_harmfulness, cfg.weight_off_subspace, cfg.weight_harmless)
     soft, history = optimize_soft_prompt(frozen, data.queries, harmless, reference, init, geometry, weights,
                                          schedule, show_progress)
     trained = soft_prompt_states_batched(frozen, soft, data.queries, config.extract.batch_size)

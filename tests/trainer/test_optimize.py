@@ -11,7 +11,7 @@ from gateway.prompts import HUMAN_PROMPTS
 from trainer.chat import find_prompt_span
 from trainer.extract import extract_states
 from trainer.fit import ProbeRecipe, fit_pca, fit_probes
-from trainer.optimize import (DroGeometry, LossWeights, Schedule, dro_loss_terms, optimize_soft_prompt,
+from trainer.optimize import (DroGeometry, LossWeights, Schedule, combine_loss, dro_loss_terms, optimize_soft_prompt,
                               soft_prompt_states)
 from trainer.pipeline import paper_order
 
@@ -95,6 +95,24 @@ def test_zero_weight_disables_a_term(frozen, queries, setup):
     # Only L_U, which is 0 at θ0 with zero gradient: θ stays (weight decay aside) where it started.
     assert history[0]["loss"] < 1e-8
     torch.testing.assert_close(only_drift, theta0 * (1 - 1e-2 * 0.01), rtol=0, atol=1e-6)
+
+
+def test_harmless_weight_scales_only_the_harmless_samples_gradients():
+    torch.manual_seed(0)
+    hidden, k = 12, 3
+    geometry = DroGeometry(torch.linalg.qr(torch.randn(hidden, k))[0], torch.randn(k), torch.randn(k))
+    h_ref, harmless = torch.randn(4, hidden), torch.tensor([0.0, 1.0, 0.0, 1.0])
+
+    def gradient(harmless_weight: float) -> torch.Tensor:
+        h_theta = (h_ref + torch.randn(4, hidden, generator=torch.Generator().manual_seed(1))).requires_grad_()
+        terms = dro_loss_terms(h_theta, h_ref, harmless, geometry)
+        combine_loss(terms, LossWeights(1.0, 0.01, 0.1, harmless=harmless_weight), harmless).sum().backward()
+        return h_theta.grad
+
+    plain, weighted = gradient(1.0), gradient(2.0)
+    torch.testing.assert_close(weighted[harmless == 0], plain[harmless == 0])
+    torch.testing.assert_close(weighted[harmless == 1], 2 * plain[harmless == 1])
+    assert float(plain[harmless == 1].abs().sum()) > 0
 
 
 def test_bf16_forward_keeps_step_zero_exact_and_theta_float32(tiny_model_dir, queries, setup):
