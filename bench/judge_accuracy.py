@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from evaluation.metrics import wilson_interval
-from gateway.judge import JUDGES, get_judge
+from safeprompt.judge import JUDGES, get_judge
 
 DEFAULT_LABELS = Path(__file__).resolve().parent.parent / "data" / "judge_labels" / "labels.jsonl"
 

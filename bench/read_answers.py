@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from evaluation.querysets import load_builtin_set
-from gateway.judge import DEFAULT_JUDGE, get_judge
+from safeprompt.judge import DEFAULT_JUDGE, get_judge
 
 
 def main() -> int:

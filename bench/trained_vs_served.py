@@ -24,8 +24,8 @@ import httpx
 import torch
 
 from evaluation.querysets import load_builtin_set
-from gateway.artifact import load_artifact
-from gateway.splice import encode_prompt_embeds, prompt_embeds_part
+from safeprompt.artifact import load_artifact
+from safeprompt.embeds import encode_prompt_embeds, prompt_embeds_part
 from trainer.answers import greedy_answers
 from trainer.chat import build_spliced_batch
 from trainer.model import load_frozen_model

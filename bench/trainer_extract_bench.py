@@ -29,11 +29,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model == "tiny":
-        from trainer.model_zoo import build_tiny_llama
+        from safeprompt.models import build_tiny_llama
 
         model_dir = build_tiny_llama(Path(tempfile.mkdtemp()) / "tiny", seed=0)
     elif args.model == "smollm2":
-        from trainer.model_zoo import prepare_smollm2
+        from safeprompt.models import prepare_smollm2
 
         model_dir = prepare_smollm2()
     else:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from stack.processes import free_port, start_vllm
-from trainer.model_zoo import prepare_smollm2
+from safeprompt.models import prepare_smollm2
 
 SERVED_NAME = "smollm2-135m-instruct"
 

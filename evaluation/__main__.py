@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate greedy answers to max tokens instead of stopping once the refusal "
                           "judges' windows are closed (the verdicts are the same either way)")
     judging = parser.add_argument_group("judges")
-    judging.add_argument("--judge", default=None, help="refusal judge (default: gateway.judge.DEFAULT_JUDGE)")
+    judging.add_argument("--judge", default=None, help="refusal judge (default: safeprompt.judge.DEFAULT_JUDGE)")
     judging.add_argument("--guard-url", default=None, help="OpenAI-compatible URL of a Llama-Guard-style model")
     judging.add_argument("--guard-model", default=None)
     judging.add_argument("--guard-api-key-env", default=None)
@@ -91,7 +91,7 @@ def _secret(env_name: str | None) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    from gateway.judge import DEFAULT_JUDGE
+    from safeprompt.judge import DEFAULT_JUDGE
 
     if (args.guard_url is None) != (args.guard_model is None):
         raise ConfigError("--guard-url and --guard-model go together")

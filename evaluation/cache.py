@@ -17,29 +17,14 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+from safeprompt.files import atomic_write_text
+
 Key = tuple[str, int, str, str]  # (set, query index, variant, sample: "greedy" or "0", "1", ...)
 RUN_FILE = "run.json"
 
 
 class CacheError(ValueError):
     """A run directory that does not belong to this run, or a damaged cache."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file via temp + rename: a reader sees the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                         encoding="utf-8")
-    try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o644)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def bind_run_dir(run_dir: Path, fingerprint: dict[str, Any]) -> bool:
@@ -58,7 +43,7 @@ def bind_run_dir(run_dir: Path, fingerprint: dict[str, Any]) -> bool:
             raise CacheError(f"{run_dir} holds a run with other generation settings ({details}); "
                              "use a new --run-dir")
         return True
-    write_atomic(run_file, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(run_file, json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
     return False
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from gateway.judge import DEFAULT_JUDGE
+from safeprompt.judge import DEFAULT_JUDGE
 
 from evaluation.querysets import DEFAULT_DATA_DIR
 

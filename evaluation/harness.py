@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.judge import get_judge
+from safeprompt.judge import get_judge
 
 from evaluation import report as reporting
 from evaluation.cache import ResultCache, bind_run_dir

@@ -1,8 +1,8 @@
 """From cached answers to the published numbers: judging, the metric table, Markdown, JSON, chart.
 
-Answers are judged here, at report time, by the refusal judge (`gateway.judge`, the one the
+Answers are judged here, at report time, by the refusal judge (`safeprompt.judge`, the one the
 gateway's metrics use) on the raw answer text, as the gateway does; the paper metrics apply the
-paper's post-processing (`trim_unfinished_tail`) first. Only queries with every needed answer
+paper's post-processing (`safeprompt.postprocess.trim_unfinished_tail`) first. Only queries with every needed answer
 are counted, so a partial run gives a smaller but honest table and a finished one always gives
 the same table. The output is deterministic (no clocks), and names the judge of every number.
 This module knows nothing about HTTP.
@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from evaluation import metrics
-from evaluation.cache import ResultCache, write_atomic
+from evaluation.cache import ResultCache
 from evaluation.config import GREEDY, EvalConfig
 from evaluation.querysets import QuerySet
 from evaluation.runner import sample_keys
+from safeprompt.files import atomic_write_text
+from safeprompt.postprocess import trim_unfinished_tail
 
 METRIC_TEXT = {
     "greedy_refusal": "greedy refusal rate: share of queries whose one temperature-0 answer is a refusal",
@@ -36,7 +38,7 @@ METRIC_TEXT = {
 
 @dataclass(frozen=True)
 class Judges:
-    refusal: Any          # a gateway.judge.Judge
+    refusal: Any          # a safeprompt.judge.Judge
     guard_name: str | None
 
 
@@ -56,7 +58,7 @@ def query_samples(query_set: QuerySet, index: int, variant: str, config: EvalCon
         if sample == GREEDY:
             greedy = judges.refusal.judge(record["text"]).refusal
             continue
-        text = metrics.trim_unfinished_tail(record["text"])
+        text = trim_unfinished_tail(record["text"])
         unsafe = None
         if judges.guard_name and query_set.kind == "harmful":
             verdict = guard_cache.get((query_set.name, index, variant, sample)) if guard_cache else None
@@ -249,8 +251,8 @@ def write_report(run_dir: Path, report: dict[str, Any], *, chart: bool) -> dict[
     judge (same command, other --judge: every answer comes from the cache) keeps both reports."""
     judge = report["judges"]["refusal"]
     paths = {"markdown": run_dir / f"results.{judge}.md", "json": run_dir / f"results.{judge}.json"}
-    write_atomic(paths["markdown"], render_markdown(report))
-    write_atomic(paths["json"], json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(paths["markdown"], render_markdown(report))
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, sort_keys=True) + "\n")
     if chart and report["tradeoff"]["points"]:
         paths["chart"] = run_dir / f"tradeoff.{judge}.png"
         config = report["config"]

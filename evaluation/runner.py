@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
-from gateway.judge import JUDGES
+from safeprompt.judge import JUDGES
 
 from evaluation.cache import CacheError, Key, ResultCache
 from evaluation.client import ChatClient

@@ -4,7 +4,7 @@
   id `MODEL@VARIANT`, and the gateway puts the safety prompt in. Variants are checked against the
   gateway's `/v1/models` (and `all` expands to every `MODEL@*` it lists).
 - `DirectTarget`: the harness itself puts the safety prompt in, with the gateway's own splice
-  (`gateway.splice.apply_safety_prompt`): a human prompt as the system text, a soft prompt loaded
+  (`safeprompt.embeds.safety_system_message`): a human prompt as the system text, a soft prompt loaded
   from an artifact directory on disk as one `prompt_embeds` part. `none` sends no system message.
 This module knows nothing about sets, caching or metrics.
 """
@@ -14,11 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.artifact import load_artifact
-from gateway.prompts import HUMAN_PROMPTS
-from gateway.splice import apply_safety_prompt, encode_prompt_embeds
-
-VARIANT_SEPARATOR = "@"
+from safeprompt.artifact import load_artifact
+from safeprompt.prompts import HUMAN_PROMPTS
+from safeprompt.embeds import encode_prompt_embeds, safety_system_message
+from safeprompt.prompts import VARIANT_SEPARATOR
 NO_PROMPT = "none"
 
 
@@ -81,9 +80,9 @@ class DirectTarget:
     def build_body(self, variant: str, query: str, params: dict[str, Any]) -> dict[str, Any]:
         messages: list[dict[str, Any]] = [{"role": "user", "content": query}]
         if variant in self._embeds:
-            messages = apply_safety_prompt(messages, kind="soft", encoded_embeds=self._embeds[variant])
+            messages.insert(0, safety_system_message(encoded_embeds=self._embeds[variant]))
         elif variant in self._text:
-            messages = apply_safety_prompt(messages, kind="text", text=self._text[variant])
+            messages.insert(0, safety_system_message(text=self._text[variant]))
         elif variant != NO_PROMPT:
             raise TargetError(f"unknown variant {variant!r}")
         return {"model": self.model, "messages": messages, **params}

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         # Must be set before prometheus_client is imported by the workers.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dro-gateway-metrics-")
 
-    from gateway.artifact import ArtifactError
+    from safeprompt.artifact import ArtifactError
     from gateway.request_log import configure_request_log
     from gateway.settings import Settings
 

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.chat import create_chat_completion
 from gateway.errors import install_error_handlers
-from gateway.judge import get_judge
+from safeprompt.judge import get_judge
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
 from gateway.upstream import UpstreamPool, build_client

@@ -32,7 +32,7 @@ from gateway.errors import (
     error_response,
     error_sse,
 )
-from gateway.judge import Judge, StreamVerdict
+from safeprompt.judge import Judge, StreamVerdict
 from gateway.protocol import ChatCompletionRequest
 from gateway.request_log import log_request
 from gateway.splice import apply_safety_prompt, check_client_input

@@ -167,7 +167,7 @@ class GatewayMetrics:
                 self.upstream_errors.labels(model, variant, kind).inc()
 
     def artifact_loaded(self, model: str, variant: str, manifest) -> None:
-        """Expose one loaded soft-prompt artifact (a `gateway.artifact.Manifest`) as an info metric.
+        """Expose one loaded soft-prompt artifact (a `safeprompt.artifact.Manifest`) as an info metric.
 
         Text variants (no artifact) pass `manifest=None` and are shown with origin "text"."""
         if manifest is None:

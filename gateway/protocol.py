@@ -12,10 +12,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# vLLM renders a `prompt_embeds` content part as this sentinel token; text containing it could
-# smuggle a placeholder into the prompt.
-EMBEDS_SENTINEL = "<prompt_embeds>"
-
 # Content-part types a client may send. Anything else (notably `prompt_embeds`, `image_embeds`,
 # `audio_embeds`, which vLLM decodes with torch.load) is refused: only the gateway sends tensors.
 ALLOWED_PART_TYPES = frozenset({"text", "image_url", "input_audio", "video_url", "file", "refusal"})

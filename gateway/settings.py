@@ -20,8 +20,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from gateway.judge import DEFAULT_JUDGE
-from gateway.prompts import HUMAN_PROMPTS
+from safeprompt.judge import DEFAULT_JUDGE
+from safeprompt.prompts import HUMAN_PROMPTS
 
 RESERVED_VARIANTS = ("none", *HUMAN_PROMPTS)
 

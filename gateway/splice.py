@@ -4,7 +4,7 @@
 - A soft prompt becomes the system message whose content is exactly one `prompt_embeds` part; vLLM
   renders the model's chat template around it and expands its sentinel into the N rows, the same
   positions the trainer optimised (see docs/architecture.md). The payload is serialised once, when
-  the artifact is loaded (`encode_prompt_embeds`), never per request.
+  the artifact is loaded (`safeprompt.embeds.encode_prompt_embeds`), never per request.
 - A client's own system message is handled by the configured policy (see `apply_safety_prompt`).
 
 Client input that could inject tensors or placeholders is refused here (`check_client_input`).
@@ -13,43 +13,19 @@ This module knows nothing about HTTP.
 
 from __future__ import annotations
 
-import io
 from typing import Any, Literal
-
-import pybase64
-import torch
 
 from gateway.errors import InvalidRequest
 from gateway.protocol import (
-    EMBEDS_SENTINEL,
     FORBIDDEN_FIELDS,
     ChatCompletionRequest,
     ChatMessage,
     iter_texts,
     system_text,
 )
+from safeprompt.embeds import EMBEDS_SENTINEL, safety_system_message
 
 Policy = Literal["prepend", "replace", "reject"]
-
-
-def encode_prompt_embeds(tensor: torch.Tensor) -> str:
-    """base64 of `torch.save(tensor)`, vLLM's prompt_embeds wire format. [n, hidden] -> str.
-
-    float32 and bfloat16 are sent as they are (vLLM casts to the model dtype once); any other
-    float dtype is widened to float32 first, since a third dtype would round twice.
-    `.clone()` matters: torch.save writes a view's whole underlying storage.
-    """
-    if tensor.ndim != 2 or not tensor.is_floating_point():
-        raise ValueError(f"soft prompt must be a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
-    if tensor.dtype not in (torch.float32, torch.bfloat16):
-        tensor = tensor.float()
-    buffer = io.BytesIO()
-    torch.save(tensor.detach().cpu().contiguous().clone(), buffer)
-    return pybase64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def prompt_embeds_part(encoded: str) -> dict[str, str]:
-    return {"type": "prompt_embeds", "data": encoded}
 
 
 def check_client_input(request: ChatCompletionRequest, raw: dict[str, Any]) -> None:
@@ -103,10 +79,6 @@ def apply_safety_prompt(
             client_system = system_text(ChatMessage.model_validate(first)) or None
     if kind == "text":
         assert text is not None
-        content: Any = text if client_system is None else f"{text}\n\n{client_system}"
-    else:
-        assert encoded_embeds is not None
-        content = [prompt_embeds_part(encoded_embeds)]
-        if client_system is not None:
-            content.append({"type": "text", "text": client_system})
-    return [{"role": "system", "content": content}, *rest]
+        return [safety_system_message(text=text, client_text=client_system), *rest]
+    assert encoded_embeds is not None
+    return [safety_system_message(encoded_embeds=encoded_embeds, client_text=client_system), *rest]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from gateway.judge import Verdict
+from safeprompt.judge import Verdict
 
 # Bounded label values for `error_kind` (never free text: these become Prometheus labels).
 ERROR_KINDS = (

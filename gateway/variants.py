@@ -14,15 +14,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.artifact import ArtifactError, Manifest, check_artifact_fits, load_artifact, read_model_info
+from safeprompt.artifact import ArtifactError, Manifest, check_artifact_fits, load_artifact, read_model_info
 from gateway.errors import ModelNotFound
-from gateway.prompts import HUMAN_PROMPTS
+from safeprompt.prompts import HUMAN_PROMPTS
 from gateway.settings import ModelConfig
-from gateway.splice import encode_prompt_embeds
+from safeprompt.embeds import encode_prompt_embeds
+from safeprompt.prompts import VARIANT_SEPARATOR
 
 logger = logging.getLogger("gateway.variants")
 
-SEPARATOR = "@"
+SEPARATOR = VARIANT_SEPARATOR
 
 
 @dataclass(frozen=True)

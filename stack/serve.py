@@ -1,7 +1,7 @@
 """`make serve`: the stack natively on CPU, by default on Qwen2.5-Coder-0.5B-Instruct.
 
 Checks both ports first (one held by another process is an error, exit 2, that names the holder),
-prepares the model (an embedded one, `qwen` or `smollm2`, is converted once by trainer.model_zoo;
+prepares the model (an embedded one, `qwen` or `smollm2`, is converted once by safeprompt.models;
 or a local folder), starts vLLM's CPU build on 127.0.0.1:VLLM_PORT with prompt embeds enabled,
 then the gateway on HOST:PORT with the text variants (none, default, short, mistral), the model's
 committed DRO artifact (`artifacts/<public id>/dro`, when trained) and any `--artifact` given;

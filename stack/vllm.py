@@ -2,7 +2,7 @@
 
 For the trainer's vLLM label backend, or to try a model without the gateway: starts
 `stack.processes.vllm_command` on 127.0.0.1:PORT (loopback only: vLLM trusts prompt embeds) for a
-model folder or an embedded model (`qwen`, `smollm2`, prepared on first use by trainer.model_zoo),
+model folder or an embedded model (`qwen`, `smollm2`, prepared on first use by safeprompt.models),
 waits until it serves the model, prints its URL, and stops it with its engine processes on Ctrl-C,
 SIGTERM or SIGHUP, however often they arrive. vLLM's own log goes to the terminal. The port is
 checked first: one held by another process is an error (exit 2) that names it.
@@ -16,9 +16,9 @@ from pathlib import Path
 
 from stack.ports import PortInUseError, ensure_port_free
 from stack.processes import StopSignals, start_vllm, supervise
-from trainer.model_zoo import QWEN_NAME
+from safeprompt.models import QWEN_NAME
 
-# Public model ids of the embedded models (the names in trainer.model_zoo.MODELS).
+# Public model ids of the embedded models (the names in safeprompt.models.MODELS).
 EMBEDDED_MODELS = {"qwen": QWEN_NAME, "smollm2": "smollm2-135m-instruct"}
 STOP_TIMEOUT_S = 20.0
 READY_TIMEOUT_S = 600.0  # Qwen2.5-Coder-0.5B takes ~60 s on two CPU cores; the first run also compiles kernels
@@ -31,7 +31,7 @@ def public_name(model: str) -> str | None:
 
 def prepare_model(model: str) -> Path:
     """The model folder for `model`: an embedded model prepared on first use, else the value itself."""
-    from trainer.model_zoo import resolve_model
+    from safeprompt.models import resolve_model
 
     if public_name(model):
         print(f"Preparing {model} (the first run downloads and converts it once)...", flush=True)

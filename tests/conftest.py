@@ -24,7 +24,7 @@ TINY_SERVED_NAME = "tiny-llama"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (hidden 256, 2 layers) with SmolLM2's tokenizer and chat template."""
-    from trainer.model_zoo import build_tiny_llama
+    from safeprompt.models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_model_dir(value: str) -> str:
-    from trainer.model_zoo import resolve_model
+    from safeprompt.models import resolve_model
 
     return str(resolve_model(value))
 
@@ -109,7 +109,7 @@ def run_stages(stage: str, config, show_progress: bool) -> None:
 
 
 def import_released_command(args: argparse.Namespace) -> None:
-    from gateway.artifact import import_released, read_model_info, save_artifact
+    from safeprompt.artifact import import_released, read_model_info, save_artifact
 
     if not (args.file and args.model_dir and args.out):
         raise ValueError("import-released needs --file, --model-dir and --out")
@@ -121,7 +121,7 @@ def import_released_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gateway.artifact import ArtifactError
+    from safeprompt.artifact import ArtifactError
     from trainer.chat import ChatTemplateError
     from trainer.data import QueryFileError
     from trainer.pipeline import LabelBalanceError

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.prompts import PROMPT_CONDITIONS
+from safeprompt.prompts import PROMPT_CONDITIONS
 
 Condition = Literal["none", "default", "short", "mistral"]
 # What θ starts from: a human prompt's in-context tokens, or `template_default`, the system prompt
@@ -43,7 +43,7 @@ class LabelConfig(_Strict):
     vllm_url: str | None = Field(default=None, description="base URL of an OpenAI-compatible vLLM server")
     served_model_name: str | None = None
     conditions: tuple[Condition, ...] = PROMPT_CONDITIONS  # type: ignore[assignment]
-    # The project's default judge (gateway.judge.DEFAULT_JUDGE); the paper used its string matcher
+    # The project's default judge (safeprompt.judge.DEFAULT_JUDGE); the paper used its string matcher
     # (`paper`) plus LlamaGuard: a recorded deviation (docs/trainer.md).
     judge: str = "phrases"
     num_samples: int = Field(default=25, gt=0)

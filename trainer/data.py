@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import DataConfig
-from trainer.store import sha256_file
+from safeprompt.files import sha256_file
 
 
 class QueryFileError(ValueError):

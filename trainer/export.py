@@ -1,7 +1,7 @@
-"""Export stage: the run's outputs -> one gateway artifact (`gateway.artifact.save_artifact`, atomic).
+"""Export stage: the run's outputs -> one gateway artifact (`safeprompt.artifact.save_artifact`, atomic).
 
 The manifest records the configs, data hashes, label balance, fit and training metrics, stage
-timings and `forced`. The chat-template hash is the one `gateway.artifact.read_model_info` computes
+timings and `forced`. The chat-template hash is the one `safeprompt.artifact.read_model_info` computes
 from the model folder; export checks that the tokenizer the trainer used carries the same template,
 so the gateway accepts the artifact for exactly the model it was trained on.
 Knows the run-directory layout (via `trainer.store`) and the artifact format; no training maths.
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from gateway.artifact import Manifest, read_model_info, save_artifact, sha256_text
+from safeprompt.artifact import Manifest, read_model_info, save_artifact
+from safeprompt.files import sha256_text
 from trainer import store
 from trainer.config import RunConfig
 from trainer.data import load_training_queries

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from gateway.prompts import HUMAN_PROMPTS
+from safeprompt.prompts import HUMAN_PROMPTS
 from trainer.chat import chat_batch, render_ids
 from trainer.model import FrozenChatModel, last_prompt_states
 

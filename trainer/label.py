@@ -19,27 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from dataclasses import dataclass
 
 import httpx
 import torch
 
-from gateway.judge import Judge
+from safeprompt.judge import Judge
+from safeprompt.postprocess import trim_unfinished_tail
 from trainer.chat import render_ids
 from trainer.config import LabelConfig
 from trainer.extract import system_text
-
-_LIST_ITEM_END = re.compile(r"\d\.$")
-
-
-def clean_response(text: str) -> str:
-    """The authors' post-processing: strip; drop trailing unfinished lines while more than one remains."""
-    text = text.strip()
-    while (not text.endswith((".", "?", "!")) or _LIST_ITEM_END.search(text)) and len(text.split("\n")) > 1:
-        text = "\n".join(text.split("\n")[:-1]).strip()
-    return text
-
 
 @dataclass(frozen=True)
 class LabelRecord:
@@ -58,7 +47,7 @@ class LabelRecord:
 
 def score_samples(condition: str, query_index: int, samples: list[str], judge: Judge, num_keep: int) -> LabelRecord:
     """Judge cleaned samples, keep the `num_keep` longest, label = fraction of kept that complied."""
-    cleaned = [clean_response(s) for s in samples]
+    cleaned = [trim_unfinished_tail(s) for s in samples]
     refusals = [judge.judge(s).refusal for s in cleaned]
     order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i].split()), reverse=True)
     kept = sorted(order[:num_keep])

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gateway.judge import get_judge
+from safeprompt.files import sha256_file
+from safeprompt.judge import get_judge
 from trainer import store
 from trainer.balance import check_balance, measure_balance
 from trainer.config import RunConfig
@@ -39,7 +40,7 @@ def model_key(config: RunConfig) -> dict:
     folder = config.model_dir
     config_file = folder / "config.json"
     return {"model_dir": str(folder.resolve()),
-            "config_sha256": store.sha256_file(config_file) if config_file.is_file() else None}
+            "config_sha256": sha256_file(config_file) if config_file.is_file() else None}
 
 
 def stage_keys(config: RunConfig) -> dict[str, dict]:
@@ -214,7 +215,7 @@ def run_fit(config: RunConfig, show_progress: bool = True) -> Path:
 # --- optimize ------------------------------------------------------------------------------------
 
 def run_optimize(config: RunConfig, show_progress: bool = True) -> Path:
-    from gateway.prompts import HUMAN_PROMPTS
+    from safeprompt.prompts import HUMAN_PROMPTS
     from trainer.chat import find_prompt_span
     from trainer.extract import extract_condition_states
     from trainer.optimize import (DroGeometry, LossWeights, Schedule, optimize_soft_prompt,

@@ -9,31 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temp)
-        with open(temp, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+from safeprompt.files import atomic_write
 
 
 def write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2, default=str) + "\n"))
+    atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
 
 def read_json(path: Path) -> Any:
@@ -41,7 +27,7 @@ def read_json(path: Path) -> Any:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    _atomic_write(path, lambda temp: save_file(
+    atomic_write(path, lambda temp: save_file(
         {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, temp))
 
 
@@ -67,9 +53,3 @@ def mark_done(run_dir: Path, stage: str, key: Any, seconds: float) -> None:
 def stage_seconds(run_dir: Path, stage: str) -> float | None:
     record = run_dir / f"{stage}.done.json"
     return read_json(record).get("seconds") if record.is_file() else None
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read in blocks (model files are hundreds of MB)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -25,7 +25,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from gateway.judge import DEFAULT_JUDGE, get_judge
+from safeprompt.judge import DEFAULT_JUDGE, get_judge
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -112,7 +112,7 @@ class Traffic:
 def write_soft_prompt_artifact(model_dir: Path, target: Path, rows: int = 4) -> Path:
     import torch
 
-    from gateway.artifact import Manifest, read_model_info, save_artifact
+    from safeprompt.artifact import Manifest, read_model_info, save_artifact
 
     info = read_model_info(model_dir)
     manifest = Manifest(name="dro", base_model=str(model_dir), hidden_size=info.hidden_size,

@@ -22,9 +22,9 @@ from evaluation.__main__ import main
 from evaluation.cache import ResultCache
 from evaluation.config import EvalConfig
 from evaluation.harness import ANSWERS_FILE, evaluate
-from gateway import judge as judges
-from gateway.artifact import Manifest, read_model_info, save_artifact
-from gateway.judge import Verdict
+from safeprompt import judge as judges
+from safeprompt.artifact import Manifest, read_model_info, save_artifact
+from safeprompt.judge import Verdict
 from tests.conftest import default_model_config
 from tests.metrics_text import metric_total
 

@@ -8,6 +8,7 @@ import pytest
 
 from evaluation import metrics
 from evaluation.metrics import Sample
+from safeprompt.postprocess import trim_unfinished_tail
 
 
 def words(n: int) -> str:
@@ -98,10 +99,10 @@ def test_any_refusal_and_mean_share_on_a_verdict_table() -> None:
 
 
 def test_trim_unfinished_tail_follows_the_paper() -> None:
-    assert metrics.trim_unfinished_tail("Sure.\nHere is how\nto do it") == "Sure."
-    assert metrics.trim_unfinished_tail("Steps:\n1. Mix.\n2.") == "Steps:\n1. Mix."
-    assert metrics.trim_unfinished_tail("one line without stop") == "one line without stop"
-    assert metrics.trim_unfinished_tail("  Done!\n") == "Done!"
+    assert trim_unfinished_tail("Sure.\nHere is how\nto do it") == "Sure."
+    assert trim_unfinished_tail("Steps:\n1. Mix.\n2.") == "Steps:\n1. Mix."
+    assert trim_unfinished_tail("one line without stop") == "one line without stop"
+    assert trim_unfinished_tail("  Done!\n") == "Done!"
     assert metrics.line_count("a\nb\nc") == 3 and metrics.line_count("  ") == 0
 
 

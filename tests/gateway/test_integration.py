@@ -20,9 +20,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from gateway.artifact import Manifest, read_model_info, save_artifact
-from gateway.prompts import SHORT_SYSTEM_PROMPT
-from gateway.splice import encode_prompt_embeds
+from safeprompt.artifact import Manifest, read_model_info, save_artifact
+from safeprompt.prompts import SHORT_SYSTEM_PROMPT
+from safeprompt.embeds import encode_prompt_embeds
 from tests.conftest import default_model_config
 from trainer.chat import find_prompt_span, prepare_tokenizer_for_splice
 
@@ -163,7 +163,7 @@ SYSTEM = {"role": "system", "content": "Answer in French."}
 
 
 def test_system_policy_prepend_matches_direct_vllm(soft_gateway, vllm_server, oracle_artifact) -> None:
-    from gateway.artifact import load_artifact
+    from safeprompt.artifact import load_artifact
 
     encoded = encode_prompt_embeds(load_artifact(oracle_artifact).soft_prompt)
     direct = openai.OpenAI(base_url=f"{vllm_server.base_url}/v1", api_key="x", max_retries=0)
@@ -214,7 +214,7 @@ def test_mismatched_artifact_stops_startup_with_a_clear_message(vllm_server, tmp
 
 def test_released_paper_file_is_served(gateway_factory, vllm_server, tmp_path) -> None:
     """The authors' release format (one bf16 key `soft_prompt`) imported for the named model."""
-    from gateway.artifact import import_released
+    from safeprompt.artifact import import_released
 
     released = tmp_path / "type.all_length.short.safetensors"
     save_file({"soft_prompt": torch.randn(5, 256).to(torch.bfloat16)}, str(released))

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from gateway.judge import (
+from safeprompt.judge import (
     DEFAULT_JUDGE,
     JUDGES,
     LIST_MARKERS,
@@ -162,7 +162,7 @@ def test_phrase_compliance(text: str) -> None:
 
 
 def test_phrase_reads_only_the_opening() -> None:
-    from gateway.judge.phrases import HEAD_CHARS
+    from safeprompt.judge.phrases import HEAD_CHARS
 
     filler = "Here is a long and helpful answer. " * (HEAD_CHARS // 10)
     assert not PHRASE.judge(filler + "I cannot help with that.").refusal

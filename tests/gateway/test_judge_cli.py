@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.judge import JUDGES, get_judge
+from safeprompt.judge import JUDGES, get_judge
 
 SCRIPT = Path(sys.executable).parent / "dro-judge"
 
@@ -56,7 +56,7 @@ def test_paper_judge_verdicts() -> None:
 
 
 def test_default_judge_is_used_without_flag() -> None:
-    from gateway.judge import DEFAULT_JUDGE
+    from safeprompt.judge import DEFAULT_JUDGE
 
     result = run_judge(jsonl({"prompt": "p", "response": ANSWERS[0]}))
     assert result.returncode == 0

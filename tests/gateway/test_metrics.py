@@ -15,8 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.artifact import Manifest
-from gateway.judge import Verdict
+from safeprompt.artifact import Manifest
+from safeprompt.judge import Verdict
 from gateway.metrics import GatewayMetrics
 from gateway.request_log import LOGGER_NAME, build_log_entry, configure_request_log, log_request
 from gateway.telemetry import ERROR_KINDS, RequestRecord
@@ -155,7 +155,7 @@ def test_no_request_id_or_user_label() -> None:
 
 MULTIPROCESS_WORKER = textwrap.dedent("""
     import sys
-    from gateway.judge import Verdict
+    from safeprompt.judge import Verdict
     from gateway.metrics import GatewayMetrics
     from gateway.telemetry import RequestRecord
     metrics = GatewayMetrics()

@@ -12,7 +12,8 @@ import torch
 from gateway.chat import parse_request
 from gateway.errors import InvalidRequest
 from gateway.protocol import ChatCompletionRequest
-from gateway.splice import apply_safety_prompt, check_client_input, encode_prompt_embeds
+from gateway.splice import apply_safety_prompt, check_client_input
+from safeprompt.embeds import encode_prompt_embeds
 
 
 def _request(**fields) -> tuple[ChatCompletionRequest, dict]:

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from gateway.artifact import ArtifactError, Manifest, import_released, read_model_info, save_artifact, sha256_text
+from safeprompt.artifact import ArtifactError, Manifest, import_released, read_model_info, save_artifact, sha256_text
 from gateway.errors import ModelNotFound
 from gateway.settings import ModelConfig, Settings
 from gateway.variants import load_model, resolve_variant, split_choice

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gateway.prompts import HUMAN_PROMPTS
+from safeprompt.prompts import HUMAN_PROMPTS
 from trainer.chat import SENTINEL, ChatTemplateError, find_prompt_span, prepare_tokenizer_for_splice, render_ids
 from trainer.extract import extract_states, extract_states_per_query
 from trainer.model import last_prompt_states

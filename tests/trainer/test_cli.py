@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gateway.artifact import (ArtifactError, check_artifact_fits, load_artifact, read_model_info, sha256_text)
+from safeprompt.artifact import (ArtifactError, check_artifact_fits, load_artifact, read_model_info)
+from safeprompt.files import sha256_text
 from trainer.__main__ import main
 
 FAST = ["--no-progress", "--set", "torch_threads=1", "--set", "label.backend=hf", "--set", "data.limit=2",

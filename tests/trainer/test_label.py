@@ -6,15 +6,9 @@ import json
 
 import pytest
 
-from gateway.judge import PaperMatcher
+from safeprompt.judge import PaperMatcher
 from trainer.__main__ import main
-from trainer.label import clean_response, score_samples
-
-
-def test_clean_response_drops_unfinished_trailing_lines():
-    assert clean_response("  Sure.\nHere is\n") == "Sure."
-    assert clean_response("Steps:\n1. Mix.\n2.") == "Steps:\n1. Mix."
-    assert clean_response("one line without end") == "one line without end"
+from trainer.label import score_samples
 
 
 def test_soft_label_is_the_complied_share_of_the_longest_samples():

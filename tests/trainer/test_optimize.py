@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gateway.prompts import HUMAN_PROMPTS
+from safeprompt.prompts import HUMAN_PROMPTS
 from trainer.chat import find_prompt_span
 from trainer.extract import extract_states
 from trainer.fit import ProbeRecipe, fit_pca, fit_probes

@@ -8,8 +8,8 @@ import httpx
 import pytest
 import torch
 
-from gateway.artifact import Manifest, read_model_info, save_artifact
-from gateway.splice import encode_prompt_embeds, prompt_embeds_part
+from safeprompt.artifact import Manifest, read_model_info, save_artifact
+from safeprompt.embeds import encode_prompt_embeds, prompt_embeds_part
 from trainer.chat import build_spliced_batch, embed_spliced_batch
 from trainer.model import greedy_generate
 

@@ -8,7 +8,7 @@ A bad input line (not UTF-8, not JSON, not an object, no string `response`) does
 its output line is `{"line": N, "error": "..."}` so outputs stay aligned with inputs, the same message
 goes to stderr, and the exit status is 1. Blank lines are skipped. Exit 2: bad arguments.
 
-This is a thin entry point: the judging lives in `gateway.judge`.
+This is a thin entry point: the judging lives in `safeprompt.judge`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import sys
 from typing import IO, Any
 
-from gateway.judge import DEFAULT_JUDGE, JUDGES, Judge, get_judge
+from safeprompt.judge import DEFAULT_JUDGE, JUDGES, Judge, get_judge
 
 
 class BadLine(ValueError):

@@ -4,9 +4,9 @@ One pure package shared by the gateway (live metrics), the evaluation harness an
 label stage, so a refusal means the same thing everywhere. It knows nothing about HTTP, models or
 metrics.
 
-- `paper` (`PaperMatcher`, `gateway.judge.paper`): the DRO paper's string matcher, exactly, for
+- `paper` (`PaperMatcher`, `safeprompt.judge.paper`): the DRO paper's string matcher, exactly, for
   figures comparable with the paper.
-- `phrases` (`PhraseJudge`, `gateway.judge.phrases`): broader phrase rules over the opening of the
+- `phrases` (`PhraseJudge`, `safeprompt.judge.phrases`): broader phrase rules over the opening of the
   answer; the default (measured against hand labels in docs/judges.md).
 
 Every judge reads only an opening *window* of the answer. `window_closed(text)` says when more text
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from gateway.judge.base import Judge, Verdict
-from gateway.judge.paper import (
+from safeprompt.judge.base import Judge, Verdict
+from safeprompt.judge.paper import (
     INLINE_LIST,
     LIST_MARKERS,
     MATCH_STRINGS,
@@ -29,8 +29,8 @@ from gateway.judge.paper import (
     match_refusal,
     opening_window,
 )
-from gateway.judge.phrases import PhraseJudge
-from gateway.judge.stream import StreamVerdict
+from safeprompt.judge.phrases import PhraseJudge
+from safeprompt.judge.stream import StreamVerdict
 
 # Registry of judge factories by name.
 JUDGES: dict[str, Callable[[], Judge]] = {"paper": PaperMatcher, "phrases": PhraseJudge}

