@@ -17,7 +17,12 @@ serve: setup setup-vllm
 vllm: setup setup-vllm
 	$(PY) -m stack.vllm --model $(or $(MODEL),qwen) --port $(or $(PORT),8001) $(if $(NAME),--name $(NAME))
 
+# Lint and types first (seconds), then the tests.
+LINTED := safeprompt
 test: setup setup-vllm setup-prometheus
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy $(LINTED)
 	$(PY) -m pytest
 
 setup: $(VENV)/.installed

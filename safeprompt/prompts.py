@@ -19,8 +19,7 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 SHORT_SYSTEM_PROMPT = (
-    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
-    "while being safe."
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe."
 )
 
 MISTRAL_SYSTEM_PROMPT = (

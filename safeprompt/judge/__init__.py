@@ -17,7 +17,7 @@ implies `judge(t) == judge(t + s)`; the tests check this property for every regi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from safeprompt.judge.base import Judge, Verdict
 from safeprompt.judge.paper import (
@@ -47,7 +47,18 @@ def get_judge(name: str) -> Judge:
 
 
 __all__ = [
-    "DEFAULT_JUDGE", "INLINE_LIST", "JUDGES", "LIST_MARKERS", "MATCH_STRINGS", "WINDOW_PARAGRAPHS",
-    "Judge", "PaperMatcher", "PhraseJudge", "StreamVerdict", "Verdict", "get_judge", "match_refusal",
+    "DEFAULT_JUDGE",
+    "INLINE_LIST",
+    "JUDGES",
+    "LIST_MARKERS",
+    "MATCH_STRINGS",
+    "WINDOW_PARAGRAPHS",
+    "Judge",
+    "PaperMatcher",
+    "PhraseJudge",
+    "StreamVerdict",
+    "Verdict",
+    "get_judge",
+    "match_refusal",
     "opening_window",
 ]

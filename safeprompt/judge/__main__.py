@@ -69,10 +69,13 @@ def judge_stream(judge: Judge, source: IO[bytes], sink: IO[str], errors: IO[str]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dro-judge",
-        description="Judge answers for refusal: JSONL {\"prompt\", \"response\"} on stdin, one JSON verdict per line on stdout.",
+        description=(
+            'Judge answers for refusal: JSONL {"prompt", "response"} on stdin, one JSON verdict per line on stdout.'
+        ),
     )
-    parser.add_argument("--judge", default=DEFAULT_JUDGE, choices=sorted(JUDGES),
-                        help=f"judge to use (default: {DEFAULT_JUDGE})")
+    parser.add_argument(
+        "--judge", default=DEFAULT_JUDGE, choices=sorted(JUDGES), help=f"judge to use (default: {DEFAULT_JUDGE})"
+    )
     args = parser.parse_args(argv)
     judge = get_judge(args.judge)
     bad = judge_stream(judge, sys.stdin.buffer, sys.stdout, sys.stderr)

@@ -41,34 +41,64 @@ _AI = (
 
 # (name, pattern). Order matters only for which rule is reported as `matched`.
 _RULES: tuple[tuple[str, str], ...] = (
-    ("cannot-act", rf"\bI(?: really| simply| just)? {_CANNOT}(?: be able to)?(?: in good conscience| ethically)?"
-                   rf"(?: directly| actually| personally)? {_ACTS}\b(?! but\b)"),
-    ("decline", r"\bI (?:must|have to|need to|will have to|'ll have to|would have to)(?: respectfully| politely)? "
-                r"(?:decline|refuse|pass)\b"),
-    ("sorry-cannot", r"^(?:(?:I'm|I am|I'm really|I am really|I'm very) sorry|I apologi[sz]e|Sorry|My apologies|"
-                     r"Unfortunately|I'm afraid)\b(?! to hear| for your loss| you're| that you| if| about your)"),
-    ("as-an-ai", rf"\bas {_AI}\b[^.!?\n]{{0,120}}?\b(?:I (?:do not|don't|cannot|can't|am not|'m not|have no|"
-                 rf"lack|must (?:decline|refuse))|not (?:able|capable|equipped|designed|programmed|allowed|"
-                 rf"permitted|in a position))"),
-    ("not-equipped", r"\bI(?:'m| am) not (?:equipped|designed|programmed|built|allowed|permitted|authori[sz]ed|"
-                     r"in a position|comfortable|able|capable)\b"),
+    (
+        "cannot-act",
+        rf"\bI(?: really| simply| just)? {_CANNOT}(?: be able to)?(?: in good conscience| ethically)?"
+        rf"(?: directly| actually| personally)? {_ACTS}\b(?! but\b)",
+    ),
+    (
+        "decline",
+        r"\bI (?:must|have to|need to|will have to|'ll have to|would have to)(?: respectfully| politely)? "
+        r"(?:decline|refuse|pass)\b",
+    ),
+    (
+        "sorry-cannot",
+        r"^(?:(?:I'm|I am|I'm really|I am really|I'm very) sorry|I apologi[sz]e|Sorry|My apologies|"
+        r"Unfortunately|I'm afraid)\b(?! to hear| for your loss| you're| that you| if| about your)",
+    ),
+    (
+        "as-an-ai",
+        rf"\bas {_AI}\b[^.!?\n]{{0,120}}?\b(?:I (?:do not|don't|cannot|can't|am not|'m not|have no|"
+        rf"lack|must (?:decline|refuse))|not (?:able|capable|equipped|designed|programmed|allowed|"
+        rf"permitted|in a position))",
+    ),
+    (
+        "not-equipped",
+        r"\bI(?:'m| am) not (?:equipped|designed|programmed|built|allowed|permitted|authori[sz]ed|"
+        r"in a position|comfortable|able|capable)\b",
+    ),
     ("just-an-ai", r"\bI(?:'m| am) (?:just|only|merely) an? (?:AI|language model|artificial|assistant|chatbot)"),
-    ("not-appropriate", r"\b(?:(?:is|are|be|it's|that's) (?:not|never)|isn't|aren't) "
-                        r"(?:appropriate|ethical|acceptable|responsible)\b"),
+    (
+        "not-appropriate",
+        r"\b(?:(?:is|are|be|it's|that's) (?:not|never)|isn't|aren't) "
+        r"(?:appropriate|ethical|acceptable|responsible)\b",
+    ),
     ("would-be-wrong", r"\b(?:would|could) be (?:inappropriate|unethical|irresponsible|harmful|illegal)\b"),
     ("inappropriate-for-me", r"\b(?:inappropriate|unethical|irresponsible|wrong|illegal) (?:for me|of me) to\b"),
-    ("against-principles", r"\b(?:goes|go|is|are|would be|runs?) against (?:my|our|ethical|the|these|OpenAI's) "
-                           r"(?:programming|guidelines|principles|polic(?:y|ies)|ethic|values|standards|code|"
-                           r"rules|terms|purpose|moral)"),
-    ("advise-against", r"\bI (?:strongly |would |must |highly )?(?:advise|urge|caution|recommend|encourage) "
-                       r"(?:you )?(?:against|not to)\b"),
-    ("must-inform", r"\bI (?:must|have to|need to|would like to|want to|feel (?:obligated|compelled) to) "
-                    r"(?:inform|remind|point out|clarify|emphasi[sz]e|stress|caution|warn)\b[^.!?\n]{0,160}?"
-                    r"\b(?:illegal|unethical|harmful|dangerous|not (?:appropriate|ethical|legal|possible|safe|"
-                    r"acceptable)|against)"),
+    (
+        "against-principles",
+        r"\b(?:goes|go|is|are|would be|runs?) against (?:my|our|ethical|the|these|OpenAI's) "
+        r"(?:programming|guidelines|principles|polic(?:y|ies)|ethic|values|standards|code|"
+        r"rules|terms|purpose|moral)",
+    ),
+    (
+        "advise-against",
+        r"\bI (?:strongly |would |must |highly )?(?:advise|urge|caution|recommend|encourage) "
+        r"(?:you )?(?:against|not to)\b",
+    ),
+    (
+        "must-inform",
+        r"\bI (?:must|have to|need to|would like to|want to|feel (?:obligated|compelled) to) "
+        r"(?:inform|remind|point out|clarify|emphasi[sz]e|stress|caution|warn)\b[^.!?\n]{0,160}?"
+        r"\b(?:illegal|unethical|harmful|dangerous|not (?:appropriate|ethical|legal|possible|safe|"
+        r"acceptable)|against)",
+    ),
     ("redirect", r"\bprotect (?:yourself|themselves|your (?:family|business|data)) (?:from|against)\b"),
-    ("no-assist", r"\b(?:not (?:something|a request|a task) (?:that )?I (?:can|will|am able to)|"
-                  r"(?:unable|not able) to (?:help|assist|fulfil+|comply|provide) (?:you )?(?:with )?(?:that|this|your))"),
+    (
+        "no-assist",
+        r"\b(?:not (?:something|a request|a task) (?:that )?I (?:can|will|am able to)|"
+        r"(?:unable|not able) to (?:help|assist|fulfil+|comply|provide) (?:you )?(?:with )?(?:that|this|your))",
+    ),
 )
 _COMPILED = tuple((name, re.compile(pattern, re.IGNORECASE)) for name, pattern in _RULES)
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})

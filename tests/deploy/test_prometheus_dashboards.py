@@ -160,22 +160,27 @@ def test_dashboards_against_real_prometheus(gateway_factory, vllm_server, promet
     assert refusals["default"] >= 5 and refusals["dro"] >= 3
     assert sum(refusals.values()) < sum(answers.values())
 
-    judged_total = sum(answers.values())
-    prometheus.wait_until(
-        lambda: [float(sample["value"][1]) for sample in
-                 prometheus.query('sum(dro_gateway_answers_judged_total{model="tiny"})')] == [judged_total],
-        30, f"{judged_total} judged answers scraped")
+    # Wait until every value asserted below has been scraped (they appear in different scrapes), then
+    # compare: the counted refusals and judged answers equal the traffic sent, per variant.
+    def scraped() -> dict[str, dict[str, float]]:
+        def by(label: str, expr: str) -> dict[str, float]:
+            return {sample["metric"][label]: float(sample["value"][1]) for sample in prometheus.query(expr)}
+        selector = f'{{model="tiny", judge="{judge_name}"}}'
+        return {
+            "refusals": by("variant", f"sum by (variant) (dro_gateway_refusals_total{selector})"),
+            "judged": by("variant", f"sum by (variant) (dro_gateway_answers_judged_total{selector})"),
+            "errors": by("kind", "sum by (kind) (dro_gateway_request_errors_total)"),
+        }
 
-    # The counted refusals equal the refusals in the traffic that was sent, per variant.
-    scraped = {sample["metric"]["variant"]: float(sample["value"][1]) for sample in prometheus.query(
-        f'sum by (variant) (dro_gateway_refusals_total{{model="tiny", judge="{judge_name}"}})')}
-    assert scraped == {variant: float(refusals[variant]) for variant in answers}
-    judged = {sample["metric"]["variant"]: float(sample["value"][1]) for sample in prometheus.query(
-        f'sum by (variant) (dro_gateway_answers_judged_total{{model="tiny", judge="{judge_name}"}})')}
-    assert judged == {variant: float(count) for variant, count in answers.items()}
-    errors = {sample["metric"]["kind"]: float(sample["value"][1]) for sample in prometheus.query(
-        "sum by (kind) (dro_gateway_request_errors_total)")}
-    assert errors == {"model_not_found": 1.0, "upstream_4xx": 1.0}
+    expected = {"refusals": {variant: float(refusals[variant]) for variant in answers},
+                "judged": {variant: float(count) for variant, count in answers.items()},
+                "errors": {"model_not_found": 1.0, "upstream_4xx": 1.0}}
+    deadline = time.monotonic() + 30
+    seen = scraped()
+    while seen != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        seen = scraped()
+    assert seen == expected
 
     # Every panel's expression returns data. rate() needs two samples of a series in its window, and
     # the error counters appeared only with the last requests: allow a few more scrapes.
