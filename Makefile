@@ -18,7 +18,7 @@ vllm: setup setup-vllm
 	$(PY) -m stack.vllm --model $(or $(MODEL),qwen) --port $(or $(PORT),8001) $(if $(NAME),--name $(NAME))
 
 # Lint and types first (seconds), then the tests.
-LINTED := safeprompt
+LINTED := safeprompt gateway
 test: setup setup-vllm setup-prometheus
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)

@@ -1,7 +1,8 @@
 """`python -m gateway` / `dro-gateway`: run the gateway with uvicorn.
 
 Settings come from the environment (`GATEWAY_*`) and the YAML file named by `GATEWAY_CONFIG`;
-the settings are validated (and artifacts checked) before the server binds its port.
+the settings are validated and the artifacts checked (`gateway.service.check_settings`) before
+the server binds its port. The app itself is built once per worker, by uvicorn's factory.
 """
 
 from __future__ import annotations
@@ -28,22 +29,28 @@ def main(argv: list[str] | None = None) -> int:
         # Must be set before prometheus_client is imported by the workers.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dro-gateway-metrics-")
 
-    from safeprompt.artifact import ArtifactError
     from gateway.request_log import configure_request_log
+    from gateway.service import check_settings
     from gateway.settings import Settings
+    from safeprompt.artifact import ArtifactError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_request_log()
     try:
         # Fail fast, before binding the port: bad settings or an artifact that does not fit.
-        from gateway.app import build_app
-
-        build_app(Settings())
+        check_settings(Settings())
     except (ValidationError, ArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"dro-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run("gateway.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level, timeout_keep_alive=5)
+    uvicorn.run(
+        "gateway.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        timeout_keep_alive=5,
+    )
     return 0
 
 

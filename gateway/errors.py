@@ -1,30 +1,39 @@
-"""The gateway's error hierarchy and its one mapping to OpenAI's error envelope.
+"""The gateway's error hierarchy and its one mapping from exceptions to OpenAI's error envelope.
 
-Every error a client can see is a `GatewayError` subclass, rendered by `error_payload` as
-`{"error": {"message", "type", "param", "code"}}` with the right HTTP status, or, inside a stream,
-as one `data: {"error": ...}` event followed by `data: [DONE]`. `install_error_handlers` maps
-FastAPI's own errors (validation, unknown routes, unexpected exceptions) onto the same envelope,
-so no client ever sees a traceback.
+Every error a client can see is a `GatewayError`, rendered as `{"error": {"message", "type", "param",
+"code"}}` with its HTTP status, or, inside a stream, as one `data: {"error": ...}` event followed by
+`data: [DONE]`. `to_gateway_error` is the one place that decides which `GatewayError` an exception
+becomes: gateway errors stay themselves, pydantic and FastAPI validation errors become 400, Starlette's
+routing errors keep their status, and anything else is a gateway bug: 500 with a generic message
+(kind `internal`), its traceback in the server log only. The chat route, the stream relay and the
+app's exception handlers all go through it. This module knows nothing about upstreams or metrics.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.sse import DONE_EVENT, encode_event
 
 logger = logging.getLogger("gateway.errors")
 
 
 class GatewayError(Exception):
+    """An error a client may see; the base class is the generic 500 for gateway bugs."""
+
     status_code = 500
     error_type = "internal_error"
     code: str | None = None
     kind = "internal"  # telemetry error_kind (gateway.telemetry.ERROR_KINDS)
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -52,14 +61,32 @@ class ModelNotFound(GatewayError):
     kind = "model_not_found"
 
 
+class RouteNotServed(GatewayError):
+    """An unknown path or a method a route does not take (Starlette's HTTPException)."""
+
+    def __init__(self, exc: StarletteHTTPException) -> None:
+        super().__init__(str(exc.detail), code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code))
+        self.status_code = exc.status_code
+        self.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        self.kind = "invalid_request" if exc.status_code < 500 else "internal"
+        self.headers = dict(exc.headers) if exc.headers else None
+
+
 class UpstreamRejected(GatewayError):
     """vLLM answered 4xx: passed through with its status and message."""
 
     error_type = "invalid_request_error"
     kind = "upstream_4xx"
 
-    def __init__(self, message: str, *, status_code: int, param: str | None = None,
-                 code: str | None = None, error_type: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
         super().__init__(message, param=param, code=code)
         self.status_code = status_code
         if error_type:
@@ -91,43 +118,53 @@ class UpstreamDisconnected(UpstreamFailed):
     kind = "upstream_disconnect"
 
 
-def error_payload(error: GatewayError) -> dict:
-    return {"error": {"message": error.message, "type": error.error_type, "param": error.param,
-                      "code": error.code}}
+def to_gateway_error(exc: Exception) -> GatewayError:
+    """The error the client sees for any exception (the one mapping)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, (ValidationError, RequestValidationError)):
+        return _invalid_fields(exc.errors())
+    if isinstance(exc, StarletteHTTPException):
+        return RouteNotServed(exc)
+    # A bug in the gateway: the traceback stays in the server log, the client gets a generic message.
+    logger.error("unexpected error in the gateway", exc_info=exc)
+    return GatewayError("internal error in the gateway")
+
+
+def _invalid_fields(errors: Sequence[Any]) -> InvalidRequest:
+    """400 naming the first invalid field as `param` (dotted path; FastAPI's `body` prefix dropped)."""
+    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+    message = str(first.get("msg"))
+    return InvalidRequest(f"{param}: {message}" if param else message, param=param)
+
+
+def error_payload(error: GatewayError) -> dict[str, Any]:
+    return {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}}
 
 
 def error_response(error: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_payload(error), status_code=error.status_code, headers=headers)
+    return JSONResponse(
+        error_payload(error),
+        status_code=error.status_code,
+        headers={**(error.headers or {}), **(headers or {})} or None,
+    )
 
 
 def error_sse(error: GatewayError) -> bytes:
     """The end of a failed stream: one error event, then [DONE]."""
-    return b"data: " + orjson.dumps(error_payload(error)) + b"\n\ndata: [DONE]\n\n"
+    return encode_event(error_payload(error)) + DONE_EVENT
+
+
+async def handle_exception(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI exception handler: whatever reached the app, as an OpenAI envelope."""
+    return error_response(to_gateway_error(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map every exception that can reach FastAPI onto the OpenAI envelope (the one place)."""
+    """Route every exception that can reach FastAPI through `handle_exception`.
 
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-        return error_response(InvalidRequest(str(first.get("msg")), param=param))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = GatewayError(str(exc.detail))
-        error.status_code = exc.status_code
-        error.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-        error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(error, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The traceback stays in the server log; the client gets a generic message.
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(GatewayError("internal error in the gateway"))
+    Starlette looks handlers up by class, and the `Exception` one only runs in its outermost
+    middleware, so each family is registered explicitly; all share the one mapping."""
+    for exc_class in (GatewayError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_class, handle_exception)

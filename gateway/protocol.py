@@ -3,7 +3,9 @@
 Permissive on input: fields the gateway does not model are kept (`extra="allow"`) and forwarded
 to vLLM unchanged, so vLLM's own extensions (top_k, min_p, structured_outputs, ...) work. Strict
 where safety depends on it: message roles, content-part types, and the fields that could move or
-replace the safety prompt. Responses are relayed as vLLM writes them and are not modelled here.
+replace the safety prompt. A parsed `ChatCompletionRequest` is the gateway's one representation of
+a request: the upstream body is built from it (`forwarded_fields`, `message_dicts`), never from the
+raw JSON. Responses are relayed as vLLM writes them and are not modelled here.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ ALLOWED_PART_TYPES = frozenset({"text", "image_url", "input_audio", "video_url",
 
 # Request fields that would let a client change where or whether the safety prompt is applied, or
 # hand tensors to vLLM. Refused with 400.
-FORBIDDEN_FIELDS = frozenset({
-    "prompt_embeds",        # completions-style tensor input
-    "chat_template",        # a client template could drop or move the system slot
-    "return_token_ids",     # exposes vLLM's internal placeholder ids at soft-prompt positions
-    "prompt_logprobs",      # unsupported with prompt embeds
-})
+FORBIDDEN_FIELDS = frozenset(
+    {
+        "prompt_embeds",  # completions-style tensor input
+        "chat_template",  # a client template could drop or move the system slot
+        "return_token_ids",  # exposes vLLM's internal placeholder ids at soft-prompt positions
+        "prompt_logprobs",  # unsupported with prompt embeds
+    }
+)
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -70,9 +74,18 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     user: str | None = Field(default=None, max_length=256)
 
+    @property
+    def wants_usage(self) -> bool:
+        """The client asked for the usage chunk at the end of a stream."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def forwarded_fields(self) -> dict[str, Any]:
         """Everything the client sent except `model` and `messages`, which the gateway rewrites."""
         return self.model_dump(exclude={"model", "messages"}, exclude_unset=True)
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """The client's messages as it sent them (unmodelled fields included), as plain dicts."""
+        return [message.model_dump(exclude_unset=True) for message in self.messages]
 
 
 def iter_texts(value: Any) -> list[str]:

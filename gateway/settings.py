@@ -60,7 +60,7 @@ class ModelConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check_variants(self) -> "ModelConfig":
+    def _check_variants(self) -> ModelConfig:
         for name in self.artifacts:
             if name in RESERVED_VARIANTS or "@" in name or not name:
                 raise ValueError(f"artifact variant name {name!r} is reserved or invalid")
@@ -82,7 +82,10 @@ class ModelConfig(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", protected_namespaces=(),
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        protected_namespaces=(),
     )
 
     upstream_urls: list[str] = Field(
@@ -118,7 +121,7 @@ class Settings(BaseSettings):
         return [url.rstrip("/") for url in value]
 
     @model_validator(mode="after")
-    def _unique_models(self) -> "Settings":
+    def _unique_models(self) -> Settings:
         names = [model.name for model in self.models]
         if len(names) != len(set(names)):
             raise ValueError(f"duplicate model names in {names}")

@@ -1,7 +1,8 @@
 """What the gateway records about each request, for metrics and logs.
 
-The app fills one `RequestRecord` per request and hands it, exactly once, to
-`GatewayMetrics.request_finished` and `request_log.log_request`. This module holds data only.
+The chat route's `Accounting` (`gateway/accounting.py`) fills one `RequestRecord` per request and
+hands it, exactly once, to `GatewayMetrics.request_finished` (`gateway/prometheus.py`) and
+`request_log.log_request`. This module holds data only.
 """
 
 from __future__ import annotations
@@ -13,43 +14,43 @@ from safeprompt.judge import Verdict
 
 # Bounded label values for `error_kind` (never free text: these become Prometheus labels).
 ERROR_KINDS = (
-    "invalid_request",       # 400 from the gateway's own validation
-    "model_not_found",       # 404
-    "upstream_4xx",          # vLLM rejected the request (passed through)
-    "upstream_5xx",          # vLLM failed
+    "invalid_request",  # 400 from the gateway's own validation
+    "model_not_found",  # 404
+    "upstream_4xx",  # vLLM rejected the request (passed through)
+    "upstream_5xx",  # vLLM failed
     "upstream_unavailable",  # cannot connect / no healthy upstream (503)
-    "upstream_timeout",      # 504
-    "upstream_disconnect",   # upstream dropped mid-stream
-    "client_disconnect",     # client went away before the answer ended
-    "internal",              # a bug in the gateway (500, logged with traceback server-side only)
+    "upstream_timeout",  # 504
+    "upstream_disconnect",  # upstream dropped mid-stream
+    "client_disconnect",  # client went away before the answer ended
+    "internal",  # a bug in the gateway (500, logged with traceback server-side only)
 )
 
 
 @dataclass
 class RequestRecord:
     request_id: str
-    route: str                                 # e.g. "/v1/chat/completions"
-    model: str = "unknown"                     # served model name (bare), "unknown" before resolution
-    variant: str = "unknown"                   # safety-prompt variant applied
+    route: str  # e.g. "/v1/chat/completions"
+    model: str = "unknown"  # served model name (bare), "unknown" before resolution
+    variant: str = "unknown"  # safety-prompt variant applied
     stream: bool = False
-    status: int = 200                          # HTTP status sent (200 for streams that failed later)
+    status: int = 200  # HTTP status sent (200 for streams that failed later)
     # True once GatewayMetrics.request_started was called for this request (after the model and
     # variant were resolved); request_finished decrements the in-flight gauge only then.
     in_flight: bool = False
-    accounted: bool = False                    # set by GatewayMetrics once counted (exactly once)
-    error_kind: str | None = None              # one of ERROR_KINDS
+    accounted: bool = False  # set by GatewayMetrics once counted (exactly once)
+    error_kind: str | None = None  # one of ERROR_KINDS
     started_s: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None         # seconds from start to the first content token
-    upstream_s: float = 0.0                    # seconds spent waiting on vLLM (connect + bytes)
-    total_s: float | None = None               # seconds from start to the last byte sent
-    prompt_tokens: int | None = None           # as vLLM counts them: soft-prompt rows included
+    first_token_s: float | None = None  # seconds from start to the first content token
+    upstream_s: float = 0.0  # seconds spent waiting on vLLM (connect + bytes)
+    total_s: float | None = None  # seconds from start to the last byte sent
+    prompt_tokens: int | None = None  # as vLLM counts them: soft-prompt rows included
     completion_tokens: int | None = None
-    soft_prompt_tokens: int = 0                # rows of the soft prompt in this request
+    soft_prompt_tokens: int = 0  # rows of the soft prompt in this request
     verdicts: list[Verdict] = field(default_factory=list)  # one per choice
     judge: str = ""
-    user: str | None = None                    # never a metric label; logged only if configured
-    prompt_text: str | None = None             # set only when prompt logging is enabled
-    answer_texts: list[str] | None = None      # set only when prompt logging is enabled
+    user: str | None = None  # never a metric label; logged only if configured
+    prompt_text: str | None = None  # set only when prompt logging is enabled
+    answer_texts: list[str] | None = None  # set only when prompt logging is enabled
 
     def finish(self) -> None:
         if self.total_s is None:

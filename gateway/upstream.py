@@ -1,8 +1,10 @@
-"""The vLLM upstreams: one shared httpx client, round-robin over healthy servers, health checks,
-and translation of transport failures into gateway errors.
+"""The vLLM upstreams: one shared httpx client, round-robin over healthy servers, health checks.
 
-Made once per app in the lifespan and injected (tests may hand in their own client). Knows
-nothing about chat semantics: it sends JSON bodies and returns httpx responses.
+The one place where transport failures become gateway errors: `UpstreamPool.open` and the
+`UpstreamResponse` it yields raise only `gateway.errors` types (unavailable, timeout, rejected,
+failed, disconnected), never httpx's, so callers handle one error family. The client is made in
+`start()` (the app's lifespan) and closed in `stop()`; tests hand in an httpx transport. Knows
+nothing about chat semantics: it sends JSON bodies and returns JSON answers or SSE events.
 """
 
 from __future__ import annotations
@@ -11,25 +13,34 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any
 
 import httpx
 import orjson
 
 from gateway.errors import (
+    UpstreamDisconnected,
     UpstreamFailed,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from gateway.sse import IncompleteStream, read_events
 
 logger = logging.getLogger("gateway.upstream")
 
 # Errors raised before any response byte arrived, when the server closed a pooled keep-alive
 # connection just as it was reused (or refused the connection): safe to retry on another upstream.
-RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
-             httpx.WriteError, httpx.PoolTimeout)
+RETRYABLE = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.PoolTimeout,
+)
 
 
 @dataclass
@@ -39,26 +50,135 @@ class Upstream:
     last_error: str | None = None
 
 
-def build_client(*, connect_timeout_s: float, read_timeout_s: float, api_key: str | None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+@dataclass(frozen=True)
+class ClientConfig:
+    connect_timeout_s: float
+    read_timeout_s: float  # longest silence allowed between two bytes from vLLM
+    api_key: str | None = None
+
+
+def build_client(config: ClientConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=30.0, pool=connect_timeout_s),
+        timeout=httpx.Timeout(
+            connect=config.connect_timeout_s, read=config.read_timeout_s, write=30.0, pool=config.connect_timeout_s
+        ),
         # Below uvicorn's and vLLM's 5 s keep-alive, so the client never reuses a connection the
         # server is closing.
         limits=httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=4.0),
         headers=headers,
+        transport=transport,
     )
 
 
+@contextlib.contextmanager
+def _reading(*, timeout_message: str, dropped_message: str) -> Iterator[None]:
+    """Translate a failure while reading an answer's body into the gateway's errors."""
+    try:
+        yield
+    except httpx.TimeoutException:
+        raise UpstreamTimeout(timeout_message) from None
+    except httpx.HTTPError:
+        raise UpstreamDisconnected(dropped_message) from None
+
+
+class UpstreamResponse:
+    """An upstream answer whose headers arrived (status < 400) and whose body is still unread.
+
+    `waited_s` is the time spent waiting on vLLM so far: until the headers, plus every body read.
+    """
+
+    def __init__(self, response: httpx.Response, waited_s: float) -> None:
+        self._response = response
+        self.waited_s = waited_s
+
+    async def read_json(self) -> dict[str, Any]:
+        """The whole answer as a JSON object (a non-streaming completion)."""
+        started = time.perf_counter()
+        try:
+            with _reading(
+                timeout_message="vLLM did not finish the answer in time",
+                dropped_message="vLLM closed the connection before the answer was complete",
+            ):
+                body = await self._response.aread()
+        finally:
+            self.waited_s += time.perf_counter() - started
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamDisconnected("vLLM closed the connection before the answer was complete") from None
+        if not isinstance(payload, dict):
+            raise UpstreamFailed("vLLM answered something other than a JSON object")
+        return payload
+
+    async def events(self) -> AsyncGenerator[dict[str, Any], None]:
+        """The answer's SSE events (a streaming completion) up to `[DONE]`, which is not yielded.
+
+        A stream that stops early or carries an unreadable event raises UpstreamDisconnected, a
+        silence longer than the read timeout UpstreamTimeout.
+        """
+        try:
+            async with contextlib.aclosing(read_events(self._lines())) as events:
+                async for event in events:
+                    yield event
+        except IncompleteStream:
+            raise UpstreamDisconnected("vLLM ended the stream before it was complete") from None
+
+    async def _lines(self) -> AsyncIterator[str]:
+        lines = self._response.aiter_lines()
+        while True:
+            started = time.perf_counter()
+            try:
+                with _reading(
+                    timeout_message="vLLM stopped sending in the middle of the answer",
+                    dropped_message="vLLM dropped the connection in the middle of the answer",
+                ):
+                    line = await anext(lines)
+            except StopAsyncIteration:
+                return
+            finally:
+                self.waited_s += time.perf_counter() - started
+            yield line
+
+
 class UpstreamPool:
-    def __init__(self, urls: list[str], client: httpx.AsyncClient, *, health_interval_s: float) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        config: ClientConfig,
+        *,
+        health_interval_s: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.upstreams = [Upstream(url) for url in urls]
-        self.client = client
         self.health_interval_s = health_interval_s
+        self._config = config
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
         self._next = 0
         self._task: asyncio.Task[None] | None = None
 
-    # --- health ------------------------------------------------------------------------------
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("the upstream pool is not started (the app's lifespan starts it)")
+        return self._client
+
+    # --- lifecycle and health ------------------------------------------------------------------
+    async def start(self) -> None:
+        self._client = build_client(self._config, self._transport)
+        await self.check_health()
+        self._task = asyncio.create_task(self._health_loop(), name="upstream-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
     async def check_health(self) -> None:
         async def probe(upstream: Upstream) -> None:
             try:
@@ -68,17 +188,8 @@ class UpstreamPool:
             except httpx.HTTPError as exc:
                 upstream.healthy = False
                 upstream.last_error = type(exc).__name__
+
         await asyncio.gather(*(probe(upstream) for upstream in self.upstreams))
-
-    async def start(self) -> None:
-        await self.check_health()
-        self._task = asyncio.create_task(self._health_loop(), name="upstream-health")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _health_loop(self) -> None:
         while True:
@@ -99,10 +210,10 @@ class UpstreamPool:
         healthy = [upstream for upstream in ordered if upstream.healthy]
         return healthy or ordered
 
-    # --- requests ----------------------------------------------------------------------------
+    # --- requests ------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def open(self, path: str, body: dict, headers: dict[str, str]) -> AsyncIterator[tuple[httpx.Response, float]]:
-        """POST `body` and yield (response with unread body, seconds until its headers arrived).
+    async def open(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[UpstreamResponse]:
+        """POST `body` and yield the answer once its headers arrived, body unread.
 
         Tries each candidate upstream once for failures that happen before any response byte;
         the response is closed on exit (closing a stream makes vLLM abort the request).
@@ -112,8 +223,11 @@ class UpstreamPool:
         last_error: Exception | None = None
         for upstream in self._candidates():
             request = self.client.build_request(
-                "POST", f"{upstream.url}{path}", content=payload,
-                headers={"Content-Type": "application/json", **headers})
+                "POST",
+                f"{upstream.url}{path}",
+                content=payload,
+                headers={"Content-Type": "application/json", **headers},
+            )
             started = time.perf_counter()
             try:
                 response = await self.client.send(request, stream=True)
@@ -123,21 +237,23 @@ class UpstreamPool:
                 upstream.healthy = False
                 upstream.last_error = type(exc).__name__
                 last_error = exc
-                logger.warning("upstream %s failed before answering (%s); trying the next one",
-                               upstream.url, type(exc).__name__)
+                logger.warning(
+                    "upstream %s failed before answering (%s); trying the next one", upstream.url, type(exc).__name__
+                )
                 continue
             except httpx.HTTPError as exc:
                 raise UpstreamFailed(f"request to vLLM failed: {type(exc).__name__}") from None
-            waited = time.perf_counter() - started
+            waited_s = time.perf_counter() - started
             try:
                 if response.status_code >= 400:
                     await raise_for_upstream_status(response)
-                yield response, waited
+                yield UpstreamResponse(response, waited_s)
             finally:
                 await response.aclose()
             return
         raise UpstreamUnavailable(
-            f"no vLLM upstream is reachable ({type(last_error).__name__ if last_error else 'none healthy'})")
+            f"no vLLM upstream is reachable ({type(last_error).__name__ if last_error else 'none healthy'})"
+        )
 
 
 async def raise_for_upstream_status(response: httpx.Response) -> None:
@@ -146,11 +262,16 @@ async def raise_for_upstream_status(response: httpx.Response) -> None:
         body = orjson.loads(await response.aread())
     except (orjson.JSONDecodeError, httpx.HTTPError):
         body = {}
-    error = body.get("error") if isinstance(body.get("error"), dict) else body
+    if not isinstance(body, dict):
+        body = {}
+    error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else body
     message = str(error.get("message") or f"vLLM answered HTTP {response.status_code}")
     if 400 <= response.status_code < 500:
-        raise UpstreamRejected(message, status_code=response.status_code, param=error.get("param"),
-                               code=error.get("code") if isinstance(error.get("code"), str) else None,
-                               error_type=error.get("type") if isinstance(error.get("type"), str) else None)
+        raise UpstreamRejected(
+            message,
+            status_code=response.status_code,
+            param=error.get("param"),
+            code=error.get("code") if isinstance(error.get("code"), str) else None,
+            error_type=error.get("type") if isinstance(error.get("type"), str) else None,
+        )
     raise UpstreamFailed(f"vLLM failed with HTTP {response.status_code}: {message}")
-

@@ -14,12 +14,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-from safeprompt.artifact import ArtifactError, Manifest, check_artifact_fits, load_artifact, read_model_info
 from gateway.errors import ModelNotFound
-from safeprompt.prompts import HUMAN_PROMPTS
 from gateway.settings import ModelConfig
+from safeprompt.artifact import ArtifactError, Manifest, check_artifact_fits, load_artifact, read_model_info
 from safeprompt.embeds import encode_prompt_embeds
-from safeprompt.prompts import VARIANT_SEPARATOR
+from safeprompt.prompts import HUMAN_PROMPTS, VARIANT_SEPARATOR
 
 logger = logging.getLogger("gateway.variants")
 
@@ -31,7 +30,7 @@ class Variant:
     name: str
     kind: Literal["none", "text", "soft"]
     text: str | None = None
-    encoded_embeds: str | None = None      # serialised once at load time
+    encoded_embeds: str | None = None  # serialised once at load time
     num_virtual_tokens: int = 0
     manifest: Manifest | None = None
 
@@ -63,15 +62,17 @@ def load_model(config: ModelConfig) -> ServedModel:
         if model_info is not None:
             check_artifact_fits(artifact, model_info)
         else:
-            logger.warning("model %s has no model_path: artifact %s is not checked against the model",
-                           config.name, path)
+            logger.warning(
+                "model %s has no model_path: artifact %s is not checked against the model", config.name, path
+            )
         if artifact.manifest.forced:
             if name not in config.allow_forced_artifacts:
                 raise ArtifactError(
                     f"artifact {name!r} ({path}) is marked forced: it was trained with --force past a failed "
                     "label-balance check, so its refusal direction rests on labels that cannot support one. "
                     f"Not served; to serve it anyway, list it in models[].allow_forced_artifacts "
-                    f"(allow_forced_artifacts: [{name}])")
+                    f"(allow_forced_artifacts: [{name}])"
+                )
             logger.warning("artifact %s is served although it is marked forced (allow_forced_artifacts)", path)
         variants[name] = Variant(
             name=name,
@@ -102,8 +103,9 @@ def split_choice(weights: dict[str, float], key: str) -> str:
     return next(name for name, weight in reversed(weights.items()) if weight > 0)
 
 
-def resolve_variant(models: dict[str, ServedModel], model_id: str, *, request_id: str,
-                    user: str | None) -> tuple[ServedModel, Variant]:
+def resolve_variant(
+    models: dict[str, ServedModel], model_id: str, *, request_id: str, user: str | None
+) -> tuple[ServedModel, Variant]:
     """Map a request's `model` to (served model, variant); ModelNotFound (404) otherwise."""
     name, _, variant_name = model_id.partition(SEPARATOR)
     model = models.get(name)
@@ -113,8 +115,9 @@ def resolve_variant(models: dict[str, ServedModel], model_id: str, *, request_id
         variant = model.variants.get(variant_name)
         if variant is None:
             raise ModelNotFound(
-                f"The model '{model_id}' does not exist: '{name}' has variants "
-                f"{', '.join(model.variants)}", param="model")
+                f"The model '{model_id}' does not exist: '{name}' has variants {', '.join(model.variants)}",
+                param="model",
+            )
         return model, variant
     if model.split:
         key = f"user:{user}" if user else f"request:{request_id}"

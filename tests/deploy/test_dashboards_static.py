@@ -100,7 +100,7 @@ def test_metric_names_exist_in_gateway_metrics() -> None:
     """Every dro_gateway_* name a panel reads is one GatewayMetrics exposes."""
     from prometheus_client import CollectorRegistry
 
-    from gateway.metrics import GatewayMetrics
+    from gateway.prometheus import GatewayMetrics
 
     metrics = GatewayMetrics(CollectorRegistry())
     exposed = set()

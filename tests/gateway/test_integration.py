@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from safeprompt.artifact import Manifest, read_model_info, save_artifact
-from safeprompt.prompts import SHORT_SYSTEM_PROMPT
 from safeprompt.embeds import encode_prompt_embeds
+from safeprompt.prompts import SHORT_SYSTEM_PROMPT
 from tests.conftest import default_model_config
 from trainer.chat import find_prompt_span, prepare_tokenizer_for_splice
 
@@ -203,8 +203,8 @@ def test_mismatched_artifact_stops_startup_with_a_clear_message(vllm_server, tmp
                         chat_template_sha256=None, dtype="float32", origin="test")
     artifact = save_artifact(tmp_path / "wide", manifest, {"soft_prompt": torch.zeros(2, 128)})
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"upstream_urls": [vllm_server.base_url],
-                                      "models": [default_model_config(vllm_server, artifacts={"wide": str(artifact)})]}))
+    model = default_model_config(vllm_server, artifacts={"wide": str(artifact)})
+    config.write_text(yaml.safe_dump({"upstream_urls": [vllm_server.base_url], "models": [model]}))
     result = subprocess.run([sys.executable, "-m", "gateway", "--port", "1"], capture_output=True, text=True,
                             env={"GATEWAY_CONFIG": str(config), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert result.returncode == 2

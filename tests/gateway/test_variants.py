@@ -1,4 +1,4 @@
-"""Unit tests: variant resolution, traffic split, settings validation and artifact checks at load."""
+"""Served models and variants (gateway/variants.py): resolution, traffic split, artifact checks at load."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from safeprompt.artifact import ArtifactError, Manifest, import_released, read_model_info, save_artifact, sha256_text
 from gateway.errors import ModelNotFound
-from gateway.settings import ModelConfig, Settings
+from gateway.settings import ModelConfig
 from gateway.variants import load_model, resolve_variant, split_choice
+from safeprompt.artifact import ArtifactError, Manifest, import_released, read_model_info, save_artifact
+from safeprompt.files import sha256_text
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
 
@@ -102,31 +102,6 @@ def test_released_file_with_other_keys_is_refused(tmp_path: Path) -> None:
         import_released(released, name="p", base_model="m", model=read_model_info(_model_dir(tmp_path)))
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"name": "a@b"}, "must not contain '@'"),
-    ({"name": "m", "default_variant": "dro"}, "default_variant"),
-    ({"name": "m", "artifacts": {"short": "/x"}}, "reserved"),
-    ({"name": "m", "split": {"nope": 1.0}}, "split variant"),
-    ({"name": "m", "split": {"none": 0.0}}, "all be zero"),
-])
-def test_model_config_validation(config: dict, message: str) -> None:
-    with pytest.raises(ValidationError, match=message):
-        ModelConfig(**config)
-
-
-def test_settings_from_yaml_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tmp_path / "gateway.yaml"
-    config.write_text("upstream_urls: ['http://a:1/']\nmodels:\n  - name: m\njudge: paper\n")
-    monkeypatch.setenv("GATEWAY_CONFIG", str(config))
-    monkeypatch.setenv("GATEWAY_SYSTEM_MESSAGE_POLICY", "replace")
-    settings = Settings()
-    assert settings.upstream_urls == ["http://a:1"]
-    assert settings.models[0].name == "m" and settings.system_message_policy == "replace"
-    monkeypatch.setenv("GATEWAY_UPSTREAM_URLS", '["ftp://x"]')
-    with pytest.raises(ValidationError, match="http://"):
-        Settings()
-
-
 def _forced_artifact(tmp_path: Path) -> Path:
     manifest = Manifest(name="dro", base_model="m", hidden_size=16, num_virtual_tokens=3,
                         chat_template_sha256=sha256_text(TEMPLATE), dtype="float32", origin="dro-trainer",
@@ -141,8 +116,3 @@ def test_forced_artifact_is_refused_unless_named_in_allow_forced_artifacts(tmp_p
     served = load_model(ModelConfig(name="m", model_path=model_dir, artifacts={"dro": path},
                                     allow_forced_artifacts=["dro"]))
     assert served.variants["dro"].manifest.forced
-
-
-def test_allow_forced_artifacts_must_name_an_artifact() -> None:
-    with pytest.raises(ValidationError, match="not an artifact variant"):
-        ModelConfig(name="m", allow_forced_artifacts=["dro"])

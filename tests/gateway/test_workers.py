@@ -1,31 +1,56 @@
-"""Several gateway worker processes behind one port: metrics aggregate across workers."""
+"""Several gateway worker processes behind one port: metrics aggregate across workers.
+
+Which worker answered is read from the Prometheus multi-process directory: every process that
+writes a metric writes it to a file named after its pid (`counter_<pid>.db`, ...)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.metrics_text import metric_total
+from tests.stack.process_tree import children_of
 
 pytestmark = pytest.mark.integration
 
+BATCH = 12
+MAX_BATCHES = 5
 
-def test_two_workers_count_every_request_once(gateway_factory) -> None:
-    served = gateway_factory(workers=2)
+
+def writer_pids(metrics_dir: Path, pattern: str) -> set[int]:
+    return {int(path.stem.rsplit("_", 1)[1]) for path in metrics_dir.glob(pattern)}
+
+
+def test_two_workers_count_every_request_once(gateway_factory, tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "prometheus"
+    metrics_dir.mkdir()
+    served = gateway_factory(workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    workers = children_of(served.process.pid)
+    # Each worker built the app (and wrote its artifact info); the supervisor built none.
+    builders = writer_pids(metrics_dir, "gauge_livemax_*.db")
+    assert len(builders) == 2 and builders <= workers and served.process.pid not in builders
+
     url = f"{served.base_url}/v1/chat/completions"
     body = {"model": "tiny@none", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    with httpx.Client(timeout=120) as client:
-        pids = set()
+    sent = 0
+    # New connections each time so uvicorn's workers share the load; until both have answered.
+    for _ in range(MAX_BATCHES):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            # New connections each time so uvicorn's workers share the load.
-            results = list(pool.map(lambda _: httpx.post(url, json=body, timeout=120), range(12)))
-        assert [r.status_code for r in results] == [200] * 12
+            results = list(pool.map(lambda _: httpx.post(url, json=body, timeout=120), range(BATCH)))
+        assert [r.status_code for r in results] == [200] * BATCH
+        sent += BATCH
+        answering = writer_pids(metrics_dir, "counter_*.db")
+        if len(answering) == 2:
+            break
+    assert answering == builders, "both workers must answer for the aggregate to mean anything"
+
+    with httpx.Client(timeout=120) as client:
         metrics = client.get(f"{served.base_url}/metrics").text
         for _ in range(5):  # whichever worker answers the scrape sees every worker's counts
             again = client.get(f"{served.base_url}/metrics", headers={"Connection": "close"}).text
-            pids.add(again)
-            assert metric_total(again, "dro_gateway_requests_total", variant="none", status="200") == 12
-    assert metric_total(metrics, "dro_gateway_answers_judged_total", variant="none") == 12
+            assert metric_total(again, "dro_gateway_requests_total", variant="none", status="200") == sent
+    assert metric_total(metrics, "dro_gateway_answers_judged_total", variant="none") == sent
     assert metric_total(metrics, "dro_gateway_requests_in_flight", variant="none") == 0

@@ -1,56 +1,19 @@
-"""Unit tests: request parsing, client-input security checks, the system-message policies and the
-prompt_embeds wire format."""
+"""The safety prompt (gateway/safety.py): client-input security checks, the system-message policies,
+and the upstream body built from the parsed request."""
 
 from __future__ import annotations
 
-import io
-
-import pybase64
 import pytest
-import torch
 
-from gateway.chat import parse_request
 from gateway.errors import InvalidRequest
 from gateway.protocol import ChatCompletionRequest
-from gateway.splice import apply_safety_prompt, check_client_input
-from safeprompt.embeds import encode_prompt_embeds
+from gateway.safety import apply_safety_prompt, build_upstream_body, check_client_input
+from gateway.variants import ServedModel, Variant
 
 
 def _request(**fields) -> tuple[ChatCompletionRequest, dict]:
     raw = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields}
-    return parse_request(raw), raw
-
-
-def test_unmodelled_fields_are_forwarded() -> None:
-    request, _ = _request(top_k=5, structured_outputs={"choice": ["a", "b"]}, temperature=0.5)
-    assert request.forwarded_fields() == {"top_k": 5, "structured_outputs": {"choice": ["a", "b"]},
-                                          "temperature": 0.5}
-
-
-@pytest.mark.parametrize("fields, param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-    ({"n": 0}, "n"),
-    ({"temperature": 3.0}, "temperature"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"model": ""}, "model"),
-])
-def test_invalid_fields_name_the_parameter(fields: dict, param: str) -> None:
-    with pytest.raises(InvalidRequest) as caught:
-        _request(**fields)
-    assert caught.value.param == param
-    assert caught.value.status_code == 400
-
-
-def test_client_prompt_embeds_part_is_refused() -> None:
-    with pytest.raises(InvalidRequest, match="prompt_embeds"):
-        _request(messages=[{"role": "user", "content": [{"type": "prompt_embeds", "data": "AAAA"}]}])
-
-
-@pytest.mark.parametrize("part_type", ["image_embeds", "audio_embeds", "something_new"])
-def test_other_tensor_parts_are_refused(part_type: str) -> None:
-    with pytest.raises(InvalidRequest, match=part_type):
-        _request(messages=[{"role": "user", "content": [{"type": part_type, "data": "AAAA"}]}])
+    return ChatCompletionRequest.model_validate(raw), raw
 
 
 @pytest.mark.parametrize("raw_extra", [
@@ -62,14 +25,14 @@ def test_other_tensor_parts_are_refused(part_type: str) -> None:
 def test_reserved_sentinel_is_refused_anywhere(raw_extra: dict) -> None:
     request, raw = _request(**raw_extra)
     with pytest.raises(InvalidRequest, match="reserved placeholder"):
-        check_client_input(request, raw)
+        check_client_input(request)
 
 
 @pytest.mark.parametrize("field", ["prompt_embeds", "chat_template", "return_token_ids"])
 def test_forbidden_fields_are_refused(field: str) -> None:
     request, raw = _request(**{field: "x"})
     with pytest.raises(InvalidRequest) as caught:
-        check_client_input(request, raw)
+        check_client_input(request)
     assert caught.value.param == field
 
 
@@ -110,24 +73,23 @@ def test_prepend_flattens_text_parts_of_a_client_system_message() -> None:
     assert out[0]["content"] == "S\n\nA\nB"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prompt_embeds_round_trip_keeps_values_and_dtype(dtype: torch.dtype) -> None:
-    tensor = torch.randn(5, 8).to(dtype)
-    decoded = torch.load(io.BytesIO(pybase64.b64decode(encode_prompt_embeds(tensor))), weights_only=True)
-    assert decoded.dtype == dtype
-    assert torch.equal(decoded, tensor)
+SOFT = Variant(name="dro", kind="soft", encoded_embeds="B64", num_virtual_tokens=3)
+MODEL = ServedModel(name="tiny", upstream_name="tiny-llama", default_variant="dro", variants={"dro": SOFT})
 
 
-def test_prompt_embeds_widens_float16_and_saves_only_the_view() -> None:
-    big = torch.randn(1000, 64, dtype=torch.float16)
-    encoded = encode_prompt_embeds(big[:2])
-    decoded = torch.load(io.BytesIO(pybase64.b64decode(encoded)), weights_only=True)
-    assert decoded.dtype == torch.float32 and torch.equal(decoded, big[:2].float())
-    assert len(encoded) < 4000  # not the whole 1000-row storage
+def test_upstream_body_forwards_the_client_fields_with_the_safety_prompt() -> None:
+    request, raw = _request(messages=MESSAGES, top_k=5, temperature=0.5, user="u1")
+    body = build_upstream_body(request, MODEL, SOFT, policy="replace")
+    assert body == {"top_k": 5, "temperature": 0.5, "user": "u1", "model": "tiny-llama",
+                    "messages": [{"role": "system", "content": [{"type": "prompt_embeds", "data": "B64"}]},
+                                 {"role": "user", "content": "hi"}]}
+    assert raw["messages"] == MESSAGES  # the client's request is not modified
 
 
-def test_prompt_embeds_rejects_bad_shapes() -> None:
-    with pytest.raises(ValueError):
-        encode_prompt_embeds(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError):
-        encode_prompt_embeds(torch.ones(3, 4, dtype=torch.int64))
+def test_upstream_body_always_asks_for_usage_in_streams() -> None:
+    request, _ = _request(stream=True, stream_options={"continuous_usage_stats": False})
+    body = build_upstream_body(request, MODEL, SOFT, policy="prepend")
+    assert body["stream"] is True
+    assert body["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
+    plain = build_upstream_body(_request()[0], MODEL, SOFT, policy="prepend")
+    assert "stream_options" not in plain and "stream" not in plain

@@ -1,9 +1,7 @@
-"""GatewayMetrics: feed RequestRecords, read the registry back; multi-process aggregation; request log."""
+"""GatewayMetrics (gateway/prometheus.py): feed RequestRecords, read the registry back; multi-process aggregation."""
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import subprocess
@@ -15,25 +13,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.prometheus import GatewayMetrics
+from gateway.telemetry import ERROR_KINDS
 from safeprompt.artifact import Manifest
 from safeprompt.judge import Verdict
-from gateway.metrics import GatewayMetrics
-from gateway.request_log import LOGGER_NAME, build_log_entry, configure_request_log, log_request
-from gateway.telemetry import ERROR_KINDS, RequestRecord
-
-ROUTE = "/v1/chat/completions"
+from tests.gateway.records import ROUTE, record
 
 
 def value(metrics: GatewayMetrics, name: str, **labels: str) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
-
-
-def record(**fields) -> RequestRecord:
-    base = dict(request_id="r1", route=ROUTE, model="smollm2", variant="dro", started_s=0.0,
-                first_token_s=0.2, upstream_s=0.9, total_s=1.0, prompt_tokens=40, completion_tokens=12,
-                soft_prompt_tokens=23, judge="phrases", in_flight=True)
-    base.update(fields)
-    return RequestRecord(**base)
 
 
 def test_own_registry_not_global() -> None:
@@ -42,7 +30,8 @@ def test_own_registry_not_global() -> None:
     metrics = GatewayMetrics()
     assert metrics.registry is not REGISTRY
     metrics.request_started("m", "v", ROUTE)
-    assert REGISTRY.get_sample_value("dro_gateway_requests_in_flight", {"model": "m", "variant": "v", "route": ROUTE}) is None
+    labels = {"model": "m", "variant": "v", "route": ROUTE}
+    assert REGISTRY.get_sample_value("dro_gateway_requests_in_flight", labels) is None
 
 
 def test_success_counts_everything_once() -> None:
@@ -118,7 +107,7 @@ def test_refused_before_resolution_never_in_flight() -> None:
 def test_unknown_error_kind_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
     metrics = GatewayMetrics(CollectorRegistry())
     metrics.request_started("m", "v", ROUTE)
-    with caplog.at_level(logging.ERROR, logger="gateway.metrics"):
+    with caplog.at_level(logging.ERROR, logger="gateway.prometheus"):
         metrics.request_finished(record(model="m", variant="v", error_kind="free text from somewhere"))
     assert value(metrics, "dro_gateway_request_errors_total", model="m", variant="v", kind="internal") == 1
     assert "unknown error kind" in caplog.text
@@ -156,7 +145,7 @@ def test_no_request_id_or_user_label() -> None:
 MULTIPROCESS_WORKER = textwrap.dedent("""
     import sys
     from safeprompt.judge import Verdict
-    from gateway.metrics import GatewayMetrics
+    from gateway.prometheus import GatewayMetrics
     from gateway.telemetry import RequestRecord
     metrics = GatewayMetrics()
     assert metrics.multiprocess
@@ -192,11 +181,12 @@ def test_multiprocess_workers_aggregate(tmp_path: Path) -> None:
     # livesum: the first worker has exited, but its pid was never marked dead, so it still counts.
     in_flight = sample("dro_gateway_requests_in_flight", route="/r")
     assert in_flight == 2
-    # Once the supervisor marks the first worker dead, its in-flight request no longer counts.
+    # Once a supervisor marks the first worker dead, its in-flight request no longer counts.
     render = textwrap.dedent("""
         import sys
-        from gateway.metrics import GatewayMetrics, mark_worker_dead
-        mark_worker_dead(int(sys.argv[1]))
+        from prometheus_client import multiprocess
+        from gateway.prometheus import GatewayMetrics
+        multiprocess.mark_process_dead(int(sys.argv[1]))
         sys.stdout.write(GatewayMetrics().render()[0].decode())
     """)
     result = subprocess.run([sys.executable, "-c", render, str(first.pid)], env=env, check=True,
@@ -204,28 +194,3 @@ def test_multiprocess_workers_aggregate(tmp_path: Path) -> None:
     after = [s.value for family in text_string_to_metric_families(result.stdout) for s in family.samples
              if s.name == "dro_gateway_requests_in_flight"]
     assert after == [1]
-
-
-def test_request_log_line_without_prompts() -> None:
-    stream = io.StringIO()
-    configure_request_log(stream)
-    rec = record(request_id="abc", user="alice", prompt_text="how do I", answer_texts=["I can't help"],
-                 verdicts=[Verdict(True, "phrases", "I can't ")], error_kind=None)
-    log_request(rec, log_prompts=False)
-    line = stream.getvalue().strip()
-    assert "\n" not in line
-    entry = json.loads(line)
-    assert entry["request_id"] == "abc" and entry["model"] == "smollm2" and entry["variant"] == "dro"
-    assert entry["status"] == 200 and entry["refusal"] is True and entry["refusals"] == [True]
-    assert entry["matched"] == ["I can't "] and entry["judge"] == "phrases"
-    assert entry["prompt_tokens"] == 40 and entry["completion_tokens"] == 12
-    assert entry["latency_s"] == 1.0 and entry["ttft_s"] == 0.2 and entry["overhead_s"] == pytest.approx(0.1)
-    assert "how do I" not in line and "alice" not in line and "I can't help" not in line
-    assert logging.getLogger(LOGGER_NAME).propagate is False
-
-
-def test_request_log_with_prompts() -> None:
-    rec = record(user="alice", prompt_text="how do I", answer_texts=["Sure"], verdicts=[])
-    entry = build_log_entry(rec, log_prompts=True)
-    assert entry["prompt"] == "how do I" and entry["answers"] == ["Sure"] and entry["user"] == "alice"
-    assert entry["refusal"] is None and entry["refusals"] == []

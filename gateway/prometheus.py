@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gateway: one class that owns its own registry.
+"""The gateway's Prometheus metrics: one class that owns its own registry.
 
 `GatewayMetrics` turns the app's request lifecycle (`request_started`, then `request_finished`
 with the `RequestRecord` exactly once) into counters, histograms and gauges, and serves them as the
@@ -12,8 +12,9 @@ registered judge name. Never user ids, request ids or prompt text.
 Multi-process: when `PROMETHEUS_MULTIPROC_DIR` is set (before prometheus_client is first imported,
 which is when it chooses its value store), every worker writes its values to files there and
 `render()` aggregates all workers with `MultiProcessCollector`; the in-flight gauge sums live
-workers and the artifact info gauge takes the max over live workers. A supervisor that restarts
-workers should call `mark_worker_dead(pid)` for each dead worker.
+workers and the artifact info gauge takes the max over live workers ("live": files of processes not
+marked dead with `prometheus_client.multiprocess.mark_process_dead`; uvicorn, which restarts a
+crashed worker, does not mark it, see docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -47,12 +48,6 @@ OVERHEAD_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 UPSTREAM_ERROR_KINDS = tuple(kind for kind in ERROR_KINDS if kind.startswith("upstream_"))
 
 
-def mark_worker_dead(pid: int) -> None:
-    """Drop a dead worker's live gauges (in-flight, artifact info) in multi-process mode."""
-    if os.environ.get(MULTIPROC_ENV):
-        multiprocess.mark_process_dead(pid)
-
-
 class GatewayMetrics:
     """All gateway metrics, in a registry of their own (never the global default registry)."""
 
@@ -70,46 +65,94 @@ class GatewayMetrics:
         r = metric_registry
 
         self.requests = Counter(
-            "dro_gateway_requests", "Requests answered, by model, variant, route and HTTP status.",
-            ("model", "variant", "route", "status"), registry=r)
+            "dro_gateway_requests",
+            "Requests answered, by model, variant, route and HTTP status.",
+            ("model", "variant", "route", "status"),
+            registry=r,
+        )
         self.in_flight = Gauge(
-            "dro_gateway_requests_in_flight", "Requests accepted and not yet finished.",
-            ("model", "variant", "route"), registry=r, multiprocess_mode="livesum")
+            "dro_gateway_requests_in_flight",
+            "Requests accepted and not yet finished.",
+            ("model", "variant", "route"),
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.answers_judged = Counter(
-            "dro_gateway_answers_judged", "Answers (choices) judged for refusal.",
-            ("model", "variant", "judge"), registry=r)
+            "dro_gateway_answers_judged",
+            "Answers (choices) judged for refusal.",
+            ("model", "variant", "judge"),
+            registry=r,
+        )
         self.refusals = Counter(
-            "dro_gateway_refusals", "Answers (choices) the judge called a refusal.",
-            ("model", "variant", "judge"), registry=r)
+            "dro_gateway_refusals",
+            "Answers (choices) the judge called a refusal.",
+            ("model", "variant", "judge"),
+            registry=r,
+        )
         self.latency = Histogram(
-            "dro_gateway_request_duration_seconds", "End-to-end latency: request accepted to last byte sent.",
-            ("model", "variant", "route"), buckets=LATENCY_BUCKETS_S, registry=r)
+            "dro_gateway_request_duration_seconds",
+            "End-to-end latency: request accepted to last byte sent.",
+            ("model", "variant", "route"),
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.ttft = Histogram(
-            "dro_gateway_time_to_first_token_seconds", "Request accepted to the first content token.",
-            ("model", "variant", "route"), buckets=TTFT_BUCKETS_S, registry=r)
+            "dro_gateway_time_to_first_token_seconds",
+            "Request accepted to the first content token.",
+            ("model", "variant", "route"),
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
         self.overhead = Histogram(
-            "dro_gateway_overhead_seconds", "Time the gateway itself added: latency minus time waiting on vLLM.",
-            ("model", "variant", "route"), buckets=OVERHEAD_BUCKETS_S, registry=r)
+            "dro_gateway_overhead_seconds",
+            "Time the gateway itself added: latency minus time waiting on vLLM.",
+            ("model", "variant", "route"),
+            buckets=OVERHEAD_BUCKETS_S,
+            registry=r,
+        )
         self.prompt_tokens = Counter(
-            "dro_gateway_prompt_tokens", "Prompt tokens as vLLM counts them (soft-prompt rows included).",
-            ("model", "variant"), registry=r)
+            "dro_gateway_prompt_tokens",
+            "Prompt tokens as vLLM counts them (soft-prompt rows included).",
+            ("model", "variant"),
+            registry=r,
+        )
         self.soft_prompt_tokens = Counter(
-            "dro_gateway_soft_prompt_tokens", "Soft-prompt rows sent (part of the prompt tokens).",
-            ("model", "variant"), registry=r)
+            "dro_gateway_soft_prompt_tokens",
+            "Soft-prompt rows sent (part of the prompt tokens).",
+            ("model", "variant"),
+            registry=r,
+        )
         self.completion_tokens = Counter(
-            "dro_gateway_completion_tokens", "Completion tokens generated.",
-            ("model", "variant"), registry=r)
+            "dro_gateway_completion_tokens", "Completion tokens generated.", ("model", "variant"), registry=r
+        )
         self.request_errors = Counter(
-            "dro_gateway_request_errors", "Requests that ended in an error, by error kind.",
-            ("model", "variant", "kind"), registry=r)
+            "dro_gateway_request_errors",
+            "Requests that ended in an error, by error kind.",
+            ("model", "variant", "kind"),
+            registry=r,
+        )
         self.upstream_errors = Counter(
-            "dro_gateway_upstream_errors", "Failures of the vLLM upstream, by kind.",
-            ("model", "variant", "kind"), registry=r)
+            "dro_gateway_upstream_errors",
+            "Failures of the vLLM upstream, by kind.",
+            ("model", "variant", "kind"),
+            registry=r,
+        )
         self.artifact_info = Gauge(
-            "dro_gateway_artifact_info", "Soft-prompt artifact loaded for a model's variant (value 1).",
-            ("model", "variant", "artifact", "origin", "num_virtual_tokens", "hidden_size",
-             "chat_template_sha256", "forced"),
-            registry=r, multiprocess_mode="livemax")
+            "dro_gateway_artifact_info",
+            "Soft-prompt artifact loaded for a model's variant (value 1).",
+            (
+                "model",
+                "variant",
+                "artifact",
+                "origin",
+                "num_virtual_tokens",
+                "hidden_size",
+                "chat_template_sha256",
+                "forced",
+            ),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -159,8 +202,7 @@ class GatewayMetrics:
             kind = record.error_kind
             if kind not in ERROR_KINDS:
                 # A label must stay bounded: an unknown kind is a gateway bug, counted as such.
-                logger.error("request %s has unknown error kind %r; counted as 'internal'",
-                             record.request_id, kind)
+                logger.error("request %s has unknown error kind %r; counted as 'internal'", record.request_id, kind)
                 kind = "internal"
             self.request_errors.labels(model, variant, kind).inc()
             if kind in UPSTREAM_ERROR_KINDS:
@@ -174,8 +216,13 @@ class GatewayMetrics:
             labels = (model, variant, "", "text", "0", "0", "", "false")
         else:
             labels = (
-                model, variant, manifest.name, manifest.origin, str(manifest.num_virtual_tokens),
-                str(manifest.hidden_size), (manifest.chat_template_sha256 or "")[:12],
+                model,
+                variant,
+                manifest.name,
+                manifest.origin,
+                str(manifest.num_virtual_tokens),
+                str(manifest.hidden_size),
+                (manifest.chat_template_sha256 or "")[:12],
                 "true" if manifest.forced else "false",
             )
         self.artifact_info.labels(*labels).set(1)

@@ -6,6 +6,7 @@
   positions the trainer optimised (see docs/architecture.md). The payload is serialised once, when
   the artifact is loaded (`safeprompt.embeds.encode_prompt_embeds`), never per request.
 - A client's own system message is handled by the configured policy (see `apply_safety_prompt`).
+- `build_upstream_body` is the whole request vLLM receives, built from the parsed request.
 
 Client input that could inject tensors or placeholders is refused here (`check_client_input`).
 This module knows nothing about HTTP.
@@ -23,12 +24,13 @@ from gateway.protocol import (
     iter_texts,
     system_text,
 )
+from gateway.variants import ServedModel, Variant
 from safeprompt.embeds import EMBEDS_SENTINEL, safety_system_message
 
 Policy = Literal["prepend", "replace", "reject"]
 
 
-def check_client_input(request: ChatCompletionRequest, raw: dict[str, Any]) -> None:
+def check_client_input(request: ChatCompletionRequest) -> None:
     """Refuse requests that could carry tensors or the reserved sentinel to vLLM (400).
 
     Security: vLLM decodes prompt_embeds with torch.load and trusts their shape (it is documented
@@ -36,13 +38,13 @@ def check_client_input(request: ChatCompletionRequest, raw: dict[str, Any]) -> N
     the protocol model, forbidden top-level fields are checked here, and the sentinel text is
     refused anywhere in the messages, tools or other fields.
     """
-    forbidden = sorted(FORBIDDEN_FIELDS & set(raw))
+    # None of the forbidden fields is modelled, so a client's ends up among the extra fields.
+    forbidden = sorted(FORBIDDEN_FIELDS & set(request.model_extra or {}))
     if forbidden:
         raise InvalidRequest(f"field '{forbidden[0]}' is not accepted by this gateway", param=forbidden[0])
-    for text in iter_texts(raw):
+    for text in iter_texts(request.model_dump(exclude_unset=True)):
         if EMBEDS_SENTINEL in text:
-            raise InvalidRequest(
-                f"text may not contain the reserved placeholder {EMBEDS_SENTINEL}", param="messages")
+            raise InvalidRequest(f"text may not contain the reserved placeholder {EMBEDS_SENTINEL}", param="messages")
 
 
 def apply_safety_prompt(
@@ -73,7 +75,9 @@ def apply_safety_prompt(
         if policy == "reject":
             raise InvalidRequest(
                 "this model applies a safety system prompt; a client system message is not accepted "
-                "(system_message_policy=reject)", param="messages")
+                "(system_message_policy=reject)",
+                param="messages",
+            )
         first = rest.pop(0)
         if policy == "prepend":
             client_system = system_text(ChatMessage.model_validate(first)) or None
@@ -82,3 +86,23 @@ def apply_safety_prompt(
         return [safety_system_message(text=text, client_text=client_system), *rest]
     assert encoded_embeds is not None
     return [safety_system_message(encoded_embeds=encoded_embeds, client_text=client_system), *rest]
+
+
+def build_upstream_body(
+    request: ChatCompletionRequest, model: ServedModel, variant: Variant, *, policy: Policy
+) -> dict[str, Any]:
+    """The body vLLM receives: the client's fields, the upstream model name, the messages with the
+    variant's safety prompt, and (for streams) usage always on, for the token metrics; the relay
+    strips the usage chunk again when the client did not ask for it."""
+    body = request.forwarded_fields()
+    body["model"] = model.upstream_name
+    body["messages"] = apply_safety_prompt(
+        request.message_dicts(),
+        kind=variant.kind,
+        text=variant.text,
+        encoded_embeds=variant.encoded_embeds,
+        policy=policy,
+    )
+    if request.stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return body

@@ -1,0 +1,78 @@
+"""The gateway's service object: everything a route needs, built once by the app factory.
+
+`Service` holds the settings, the served models with their variants, the refusal judge, the
+Prometheus metrics and the upstream pool. `build_service(settings)` loads and validates every
+artifact (raising `ArtifactError` on a mismatch) and registers the variants with the metrics; the
+pool's HTTP client is made later, in the app's lifespan (`UpstreamPool.start`). Routes get the
+service through the FastAPI dependency `get_service`. Nothing here is created at import time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import Request
+
+from gateway.accounting import Accounting
+from gateway.prometheus import GatewayMetrics
+from gateway.settings import Settings
+from gateway.telemetry import RequestRecord
+from gateway.upstream import ClientConfig, UpstreamPool
+from gateway.variants import ServedModel, load_model
+from safeprompt.judge import Judge, get_judge
+
+
+@dataclass(frozen=True)
+class Service:
+    settings: Settings
+    models: dict[str, ServedModel]
+    judge: Judge
+    metrics: GatewayMetrics
+    pool: UpstreamPool
+    created: int = field(default_factory=lambda: int(time.time()))  # the models' `created` field
+
+    def accounting(self, request_id: str, route: str) -> Accounting:
+        """A new request's accounting, reporting to this service's metrics and request log."""
+        record = RequestRecord(request_id=request_id, route=route, judge=self.judge.name)
+        return Accounting(record, judge=self.judge, metrics=self.metrics, log_prompts=self.settings.log_prompts)
+
+
+def load_models(settings: Settings) -> dict[str, ServedModel]:
+    """Every served model with its variants; raises ArtifactError when an artifact does not fit."""
+    return {config.name: load_model(config) for config in settings.models}
+
+
+def check_settings(settings: Settings) -> None:
+    """Everything that can make the gateway refuse to start, without building it: artifacts, judge."""
+    load_models(settings)
+    get_judge(settings.judge)
+
+
+def build_service(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Service:
+    """The service for `settings`; `transport` replaces the network under the upstream client (tests)."""
+    models = load_models(settings)
+    metrics = GatewayMetrics()
+    for model in models.values():
+        for variant in model.variants.values():
+            # Text variants are listed too (manifest None), so dashboards show every variant.
+            metrics.artifact_loaded(model.name, variant.name, variant.manifest)
+    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+    pool = UpstreamPool(
+        settings.upstream_urls,
+        ClientConfig(
+            connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s, api_key=api_key
+        ),
+        health_interval_s=settings.health_interval_s,
+        transport=transport,
+    )
+    return Service(settings=settings, models=models, judge=get_judge(settings.judge), metrics=metrics, pool=pool)
+
+
+def get_service(request: Request) -> Service:
+    """FastAPI dependency: the service of the app that received `request`."""
+    service = request.app.state.service
+    if not isinstance(service, Service):
+        raise RuntimeError("the app was not built by gateway.app.build_app")
+    return service

@@ -1,0 +1,181 @@
+"""`POST /v1/chat/completions` in-process: the real app, its upstream replaced by an httpx
+`MockTransport` (no network, no server), checked on what the client gets and on the metrics."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import httpx
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.app import build_app
+from gateway.service import Service
+from gateway.settings import ModelConfig, Settings
+
+UPSTREAM = "http://vllm.test"
+ROUTE = "/v1/chat/completions"
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def answer(text: str) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "tiny-llama",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}}
+
+
+def chunk(text: str | None, usage: dict | None = None) -> bytes:
+    body: dict = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "tiny-llama",
+                  "choices": [] if text is None else [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    if usage:
+        body["usage"] = usage
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def sse(parts: list[bytes], fail: Exception | None = None) -> httpx.Response:
+    async def body() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+        if fail is not None:
+            raise fail
+    return httpx.Response(200, content=body(), headers={"Content-Type": "text/event-stream"})
+
+
+class Upstream:
+    """The mock vLLM: answers /health, records every chat body it gets, answers with `chat`."""
+
+    def __init__(self, chat: Handler) -> None:
+        self.chat = chat
+        self.bodies: list[dict] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        self.bodies.append(orjson.loads(request.content))
+        return self.chat(request)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Handler], tuple[TestClient, Service, Upstream]]]:
+    """`serve(chat)` starts the gateway (lifespan included) in front of a mock vLLM answering `chat`."""
+    with contextlib.ExitStack() as running:
+        def start(chat: Handler) -> tuple[TestClient, Service, Upstream]:
+            upstream = Upstream(chat)
+            settings = Settings(upstream_urls=[UPSTREAM], judge="paper", models=[
+                ModelConfig(name="tiny", upstream_model="tiny-llama", default_variant="short")])
+            app = build_app(settings, transport=httpx.MockTransport(upstream))
+            client = running.enter_context(TestClient(app))
+            return client, app.state.service, upstream
+
+        yield start
+
+
+def sample(service: Service, name: str, **labels: str) -> float | None:
+    return service.metrics.registry.get_sample_value(name, {"model": "tiny", "variant": "short", **labels})
+
+
+def post(client: TestClient, **fields) -> httpx.Response:
+    return client.post(ROUTE, json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields},
+                       headers={"X-Request-Id": "req-1"})
+
+
+def events(response: httpx.Response) -> list[str]:
+    return [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+def test_answer_carries_the_asked_model_and_the_variant(serve) -> None:
+    client, service, upstream = serve(lambda request: httpx.Response(200, json=answer("Bread needs flour.")))
+    response = post(client, top_k=3)
+    assert response.status_code == 200
+    assert response.headers["X-Safety-Variant"] == "short" and response.headers["X-Request-Id"] == "req-1"
+    assert response.json()["model"] == "tiny"
+    assert response.json()["choices"][0]["message"]["content"] == "Bread needs flour."
+    sent = upstream.bodies[0]
+    assert sent["model"] == "tiny-llama" and sent["top_k"] == 3
+    assert [message["role"] for message in sent["messages"]] == ["system", "user"]
+    assert sample(service, "dro_gateway_requests_total", route=ROUTE, status="200") == 1
+    assert sample(service, "dro_gateway_answers_judged_total", judge="paper") == 1
+    assert sample(service, "dro_gateway_refusals_total", judge="paper") == 0
+    assert sample(service, "dro_gateway_completion_tokens_total") == 4
+    assert sample(service, "dro_gateway_requests_in_flight", route=ROUTE) == 0
+
+
+def test_stream_is_relayed_and_its_verdict_counted(serve) -> None:
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    parts = [chunk("I cannot "), chunk("help"), chunk(" with that."), chunk(None, usage), b"data: [DONE]\n\n"]
+    client, service, upstream = serve(lambda request: sse(parts))
+    response = post(client, stream=True)
+    assert response.status_code == 200 and response.headers["X-Safety-Variant"] == "short"
+    sent = events(response)
+    assert sent[-1] == "[DONE]"
+    chunks = [orjson.loads(event) for event in sent[:-1]]
+    assert ["".join(c["choices"][0]["delta"]["content"] for c in chunks)] == ["I cannot help with that."]
+    assert all(c["model"] == "tiny" and "usage" not in c for c in chunks)  # usage was not asked for
+    assert upstream.bodies[0]["stream_options"] == {"include_usage": True}
+    assert sample(service, "dro_gateway_answers_judged_total", judge="paper") == 1
+    assert sample(service, "dro_gateway_refusals_total", judge="paper") == 1
+    assert sample(service, "dro_gateway_completion_tokens_total") == 3
+    assert sample(service, "dro_gateway_time_to_first_token_seconds_count", route=ROUTE) == 1
+    assert sample(service, "dro_gateway_requests_in_flight", route=ROUTE) == 0
+
+    asked = post(client, stream=True, stream_options={"include_usage": True})
+    assert orjson.loads(events(asked)[-2])["usage"] == usage
+
+
+def test_upstream_500_is_a_502_envelope(serve) -> None:
+    failing = httpx.Response(500, json={"error": {"message": "engine died", "type": "InternalServerError"}})
+    client, service, _ = serve(lambda request: failing)
+    for stream in (False, True):
+        response = post(client, stream=stream)
+        assert response.status_code == 502
+        assert response.headers["X-Safety-Variant"] == "short"
+        assert response.json() == {"error": {"message": "vLLM failed with HTTP 500: engine died",
+                                             "type": "upstream_error", "param": None, "code": None}}
+    assert sample(service, "dro_gateway_upstream_errors_total", kind="upstream_5xx") == 2
+    assert sample(service, "dro_gateway_requests_total", route=ROUTE, status="502") == 2
+
+
+def test_invalid_request_is_a_400_naming_the_field(serve) -> None:
+    client, service, upstream = serve(lambda request: httpx.Response(200, json=answer("unused")))
+    response = post(client, temperature=3.0)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "temperature"
+    assert error["message"].startswith("temperature: ")
+    assert response.headers["X-Safety-Variant"] == "unknown"
+    assert upstream.bodies == []
+    labels = {"model": "unknown", "variant": "unknown"}
+    registry = service.metrics.registry
+    assert registry.get_sample_value("dro_gateway_request_errors_total", {**labels, "kind": "invalid_request"}) == 1
+
+
+def test_unexpected_error_in_a_stream_ends_with_an_error_event_then_done(serve) -> None:
+    client, service, _ = serve(lambda request: sse([chunk("Sure, ")], fail=RuntimeError("a bug")))
+    response = post(client, stream=True)
+    assert response.status_code == 200
+    sent = events(response)
+    assert sent[-1] == "[DONE]"
+    assert orjson.loads(sent[-2]) == {"error": {"message": "internal error in the gateway", "type": "internal_error",
+                                                "param": None, "code": None}}
+    assert orjson.loads(sent[0])["choices"][0]["delta"]["content"] == "Sure, "
+    assert "a bug" not in response.text
+    assert sample(service, "dro_gateway_request_errors_total", kind="internal") == 1
+    assert sample(service, "dro_gateway_requests_total", route=ROUTE, status="200") == 1
+    assert sample(service, "dro_gateway_answers_judged_total", judge="paper") == 1
+    assert sample(service, "dro_gateway_requests_in_flight", route=ROUTE) == 0
+
+
+def test_unexpected_error_before_the_answer_is_a_500_recorded_as_internal(serve) -> None:
+    broken = answer("x")
+    broken["choices"][0]["message"] = "not an object"
+    client, service, _ = serve(lambda request: httpx.Response(200, json=broken))
+    response = post(client)
+    assert response.status_code == 500
+    assert response.json()["error"] == {"message": "internal error in the gateway", "type": "internal_error",
+                                        "param": None, "code": None}
+    assert response.headers["X-Safety-Variant"] == "short"
+    assert sample(service, "dro_gateway_request_errors_total", kind="internal") == 1
+    assert sample(service, "dro_gateway_requests_total", route=ROUTE, status="500") == 1
+    assert sample(service, "dro_gateway_requests_in_flight", route=ROUTE) == 0

@@ -1,0 +1,111 @@
+"""The upstream pool (gateway/upstream.py) over an httpx MockTransport: failover, and every
+transport failure raised as a gateway error, never as httpx's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+from gateway.errors import (
+    UpstreamDisconnected,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.upstream import ClientConfig, UpstreamPool
+
+A, B = "http://a.test", "http://b.test"
+
+
+def _pool(handler: Callable[[httpx.Request], httpx.Response], urls: list[str]) -> UpstreamPool:
+    return UpstreamPool(urls, ClientConfig(connect_timeout_s=1, read_timeout_s=1), health_interval_s=60,
+                        transport=httpx.MockTransport(handler))
+
+
+def _run(pool: UpstreamPool, read: Callable[..., object]) -> object:
+    """Start the pool, POST once, read the answer with `read(upstream)`, stop the pool."""
+    async def go() -> object:
+        await pool.start()
+        try:
+            async with pool.open("/v1/chat/completions", {"model": "m"}, {"X-Request-Id": "r"}) as upstream:
+                return await read(upstream)
+        finally:
+            await pool.stop()
+    return asyncio.run(go())
+
+
+async def _json(upstream) -> dict:
+    return await upstream.read_json()
+
+
+async def _events(upstream) -> list[dict]:
+    return [event async for event in upstream.events()]
+
+
+def _stream(*parts: bytes, fail: Exception | None = None) -> httpx.Response:
+    async def body() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+        if fail is not None:
+            raise fail
+    return httpx.Response(200, content=body())
+
+
+def test_fails_over_to_a_healthy_upstream_and_marks_the_dead_one() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "a.test":
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json={"ok": True})
+    pool = _pool(handler, [A, B])
+    assert _run(pool, _json) == {"ok": True}
+    assert [upstream.healthy for upstream in pool.upstreams] == [False, True]
+
+
+def test_no_reachable_upstream_is_unavailable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+    with pytest.raises(UpstreamUnavailable, match="ConnectError"):
+        _run(_pool(handler, [A, B]), _json)
+
+
+def test_a_4xx_is_passed_on_with_its_message() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"message": "too long", "type": "BadRequestError",
+                                                   "param": "messages", "code": 400}})
+    with pytest.raises(UpstreamRejected) as caught:
+        _run(_pool(handler, [A]), _json)
+    error = caught.value
+    assert (error.status_code, error.message, error.error_type, error.param, error.code) == \
+        (400, "too long", "BadRequestError", "messages", None)
+
+
+@pytest.mark.parametrize("fail, expected", [
+    (httpx.ReadTimeout("slow"), UpstreamTimeout),
+    (httpx.ReadError("reset"), UpstreamDisconnected),
+])
+def test_failures_while_reading_become_gateway_errors(fail: Exception, expected: type) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return _stream(b'data: {"a": 1}\n\n', fail=fail)
+    with pytest.raises(expected):
+        _run(_pool(handler, [A]), _events)
+    with pytest.raises(expected):
+        _run(_pool(handler, [A]), _json)
+
+
+def test_events_end_at_done_and_a_cut_stream_is_a_disconnect() -> None:
+    def complete(request: httpx.Request) -> httpx.Response:
+        return _stream(b'data: {"a": 1}\n\n', b"data: [DONE]\n\n")
+    assert _run(_pool(complete, [A]), _events) == [{"a": 1}]
+
+    def cut(request: httpx.Request) -> httpx.Response:
+        return _stream(b'data: {"a": 1}\n\n')
+    with pytest.raises(UpstreamDisconnected, match="before it was complete"):
+        _run(_pool(cut, [A]), _events)
+
+
+def test_an_unstarted_pool_says_so() -> None:
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = _pool(lambda request: httpx.Response(200), [A]).client
