@@ -1,5 +1,7 @@
 """`dro-eval` / `python -m evaluation`: parse the command line into an EvalConfig and run it.
 
+Flags map one to one onto EvalConfig fields (`--top-p` -> `top_p`); the defaults live in EvalConfig.
+
 Example (through the gateway, greedy, the paper's first 100 AdvBench queries and JBB benign):
     dro-eval --base-url http://127.0.0.1:8000 --model smollm2-135m-instruct \\
         --variants none,default,short,mistral,dro --sets advbench,jbb_benign --run-dir runs/smollm2
@@ -14,10 +16,14 @@ import shlex
 import sys
 from pathlib import Path
 
+from pydantic import SecretStr, ValidationError
+
+from safeprompt.client import ChatRequestError
+from safeprompt.sampling import PAPER_NUM_KEEP, PAPER_NUM_SAMPLES
+
 from evaluation.cache import CacheError
-from evaluation.client import EvalRequestError
 from evaluation.config import ConfigError, EvalConfig, GuardSettings
-from evaluation.querysets import BUILTIN_SETS, DEFAULT_DATA_DIR, QuerySetError
+from evaluation.querysets import BUILTIN_SETS, QuerySetError
 from evaluation.targets import TargetError
 
 
@@ -33,57 +39,58 @@ def _artifact(value: str) -> tuple[str, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line. Flags have no defaults of their own: a flag not given is left out, and
+    EvalConfig's default (the paper's, for sampling) applies."""
     parser = argparse.ArgumentParser(
         prog="dro-eval", description="Evaluate safety-prompt variants of a served chat model.",
+        argument_default=argparse.SUPPRESS,
         epilog="Built-in sets: " + "; ".join(f"{name} ({spec.kind}): {spec.description}"
                                              for name, spec in BUILTIN_SETS.items()))
     target = parser.add_argument_group("target")
     target.add_argument("--base-url", required=True, help="gateway (or vLLM with --mode direct) URL")
     target.add_argument("--model", required=True, help="model name as served (without @variant)")
-    target.add_argument("--mode", choices=("gateway", "direct"), default="gateway")
-    target.add_argument("--variants", type=_csv, default=("all",),
+    target.add_argument("--mode", choices=("gateway", "direct"))
+    target.add_argument("--variants", type=_csv,
                         help="comma-separated variants; 'all' = every MODEL@VARIANT the gateway lists")
-    target.add_argument("--artifact", type=_artifact, action="append", default=[], metavar="NAME=PATH",
+    target.add_argument("--artifact", type=_artifact, action="append", metavar="NAME=PATH",
                         help="direct mode: a soft-prompt artifact directory served as variant NAME")
-    target.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
+    target.add_argument("--api-key-env", help="environment variable holding the API key")
     data = parser.add_argument_group("query sets")
-    data.add_argument("--sets", type=_csv, default=("advbench", "jbb_benign"))
-    data.add_argument("--custom-set", action="append", default=[], metavar="NAME:KIND:PATH[:COLUMN]",
+    data.add_argument("--sets", type=_csv)
+    data.add_argument("--custom-set", action="append", metavar="NAME:KIND:PATH[:COLUMN]",
                       help="your own set: KIND harmful|harmless; .txt (a query per line), .csv or .jsonl "
                            "(query column/key 'query' unless COLUMN given)")
-    data.add_argument("--limit", type=int, default=None, help="first N queries of each set")
-    data.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    data.add_argument("--limit", type=int, help="first N queries of each set")
+    data.add_argument("--data-dir", type=Path)
     gen = parser.add_argument_group("generation")
     gen.add_argument("--no-greedy", dest="greedy", action="store_false", help="skip the greedy answer")
-    gen.add_argument("--samples", type=int, default=0, help="sampled answers per query (paper: 25)")
-    gen.add_argument("--keep", type=int, default=None, help="paper metric keeps the N longest (paper: 20)")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-p", type=float, default=0.9)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--min-tokens", type=int, default=10)
-    gen.add_argument("--max-tokens-harmful", type=int, default=300)
-    gen.add_argument("--max-tokens-harmless", type=int, default=200)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--samples", type=int, help=f"sampled answers per query (paper: {PAPER_NUM_SAMPLES})")
+    gen.add_argument("--keep", type=int, help=f"paper metric keeps the N longest (paper: {PAPER_NUM_KEEP})")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--min-tokens", type=int)
+    gen.add_argument("--max-tokens-harmful", type=int)
+    gen.add_argument("--max-tokens-harmless", type=int)
+    gen.add_argument("--seed", type=int)
     gen.add_argument("--full-greedy-answers", dest="stop_greedy_when_judged", action="store_false",
                      help="generate greedy answers to max tokens instead of stopping once the refusal "
                           "judges' windows are closed (the verdicts are the same either way)")
     judging = parser.add_argument_group("judges")
-    judging.add_argument("--judge", default=None, help="refusal judge (default: safeprompt.judge.DEFAULT_JUDGE)")
-    judging.add_argument("--guard-url", default=None, help="OpenAI-compatible URL of a Llama-Guard-style model")
-    judging.add_argument("--guard-model", default=None)
-    judging.add_argument("--guard-api-key-env", default=None)
+    judging.add_argument("--judge", help="refusal judge (default: safeprompt.judge.DEFAULT_JUDGE)")
+    judging.add_argument("--guard-url", help="OpenAI-compatible URL of a Llama-Guard-style model")
+    judging.add_argument("--guard-model")
+    judging.add_argument("--guard-api-key-env")
     run = parser.add_argument_group("run")
     run.add_argument("--run-dir", type=Path, required=True, help="results and resumable cache")
-    run.add_argument("--concurrency", type=int, default=4)
-    run.add_argument("--timeout-s", type=float, default=600.0)
-    run.add_argument("--max-requests", type=int, default=None, help="stop after N new requests")
+    run.add_argument("--concurrency", type=int)
+    run.add_argument("--timeout-s", type=float)
+    run.add_argument("--max-requests", type=int, help="stop after N new requests")
     run.add_argument("--no-chart", dest="chart", action="store_false")
     return parser
 
 
-def _secret(env_name: str | None) -> str:
-    if env_name is None:
-        return "EMPTY"
+def _secret(env_name: str) -> str:
     value = os.environ.get(env_name)
     if not value:
         raise ConfigError(f"environment variable {env_name} is not set")
@@ -91,24 +98,35 @@ def _secret(env_name: str | None) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    from safeprompt.judge import DEFAULT_JUDGE
-
-    if (args.guard_url is None) != (args.guard_model is None):
+    """Build the config from the flags given; pydantic checks the values and their combinations."""
+    fields = vars(args).copy()
+    guard_url, guard_model = fields.pop("guard_url", None), fields.pop("guard_model", None)
+    guard_key_env = fields.pop("guard_api_key_env", None)
+    if (guard_url is None) != (guard_model is None):
         raise ConfigError("--guard-url and --guard-model go together")
-    guard = (GuardSettings(args.guard_url, args.guard_model, _secret(args.guard_api_key_env))
-             if args.guard_url else None)
-    artifacts = dict(args.artifact)
-    if len(artifacts) != len(args.artifact):
-        raise ConfigError("an --artifact name is given twice")
-    return EvalConfig(
-        base_url=args.base_url, model=args.model, run_dir=args.run_dir, variants=args.variants, mode=args.mode,
-        artifacts=artifacts, sets=args.sets, custom_sets=tuple(args.custom_set), limit=args.limit,
-        greedy=args.greedy, samples=args.samples, keep=args.keep, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, min_tokens=args.min_tokens,
-        max_tokens_harmful=args.max_tokens_harmful, max_tokens_harmless=args.max_tokens_harmless,
-        seed=args.seed, judge=args.judge or DEFAULT_JUDGE, guard=guard, api_key=_secret(args.api_key_env),
-        concurrency=args.concurrency, timeout_s=args.timeout_s, max_requests=args.max_requests,
-        data_dir=args.data_dir, chart=args.chart, stop_greedy_when_judged=args.stop_greedy_when_judged)
+    if guard_url is not None:
+        fields["guard"] = (GuardSettings(guard_url, guard_model, SecretStr(_secret(guard_key_env))) if guard_key_env
+                           else GuardSettings(guard_url, guard_model))
+    if "api_key_env" in fields:
+        fields["api_key"] = _secret(fields.pop("api_key_env"))
+    if "artifact" in fields:
+        pairs = fields.pop("artifact")
+        fields["artifacts"] = dict(pairs)
+        if len(fields["artifacts"]) != len(pairs):
+            raise ConfigError("an --artifact name is given twice")
+    if "custom_set" in fields:
+        fields["custom_sets"] = tuple(fields.pop("custom_set"))
+    return EvalConfig(**fields)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, named by its flag (`--top-p: ...`), not pydantic's report."""
+    problems = []
+    for item in error.errors():
+        flag = ("--" + "-".join(str(part) for part in item["loc"]).replace("_", "-")) if item["loc"] else ""
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{flag}: {message}" if flag else message)
+    return "; ".join(problems)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         print(f"command: {command}\nseed: {config.seed}", file=sys.stderr)
         result = evaluate(config, command)
-    except (ConfigError, QuerySetError, TargetError, CacheError, EvalRequestError, ValueError) as exc:
+    except ValidationError as exc:
+        print(f"dro-eval: error: {describe_validation_error(exc)}", file=sys.stderr)
+        return 2
+    except (ConfigError, QuerySetError, TargetError, CacheError, ChatRequestError, ValueError) as exc:
         print(f"dro-eval: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

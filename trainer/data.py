@@ -1,36 +1,22 @@
 """Query files: reading the harmful / harmless training queries and hashing them for the manifest.
 
-A `.csv` file is read by column name (JBB-Behaviors: `goal`); any other file is one query a line.
-Blank lines are skipped and queries are stripped, as in the authors' scripts. Knows nothing about
-models.
+A `.csv` file is read by column name (JBB-Behaviors: `goal`); any other file is one query a line
+(`safeprompt.queryfiles`: stripped, blank ones skipped, as in the authors' scripts). Knows nothing
+about models.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import DataConfig
 from safeprompt.files import sha256_file
-
-
-class QueryFileError(ValueError):
-    """A query file is missing, empty, or malformed."""
+from safeprompt.queryfiles import QueryFileError, read_csv_column, read_lines
+from trainer.config import DataConfig
 
 
 def read_queries(path: Path, column: str = "goal") -> list[str]:
-    if not path.is_file():
-        raise QueryFileError(f"query file {path} does not exist")
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or column not in reader.fieldnames:
-                raise QueryFileError(f"{path}: no column {column!r} (columns: {reader.fieldnames})")
-            queries = [(row[column] or "").strip() for row in reader]
-    else:
-        queries = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    queries = [q for q in queries if q]
+    queries = read_csv_column(path, column) if path.suffix.lower() == ".csv" else read_lines(path)
     if not queries:
         raise QueryFileError(f"query file {path} holds no queries")
     return queries
@@ -43,10 +29,6 @@ class TrainingQueries:
     queries: list[str]
     harmless: list[float]
     hashes: dict[str, str]
-
-    @property
-    def num_harmful(self) -> int:
-        return len(self.queries) - int(sum(self.harmless))
 
 
 def load_training_queries(config: DataConfig) -> TrainingQueries:

@@ -7,28 +7,33 @@ longest (whitespace words) are kept and judged; label = share judged *not* a ref
 complied). The paper's harmful-side LlamaGuard check is not reproduced (no LlamaGuard here): the
 judge alone decides, for harmful and harmless queries alike.
 
-Two samplers share that recipe: `sample_vllm` (an OpenAI-compatible vLLM server, streaming,
-requests in flight concurrently, one seeded request per sample) and `sample_hf` (HF `generate`,
-all samples of a query in one batched call). With `stop_when_judged` a sample stops as soon as the
-judge's window is closed (`Judge.window_closed`): the verdict is final, the tail is not generated.
+The recipe's sampling settings are `LabelConfig.sampling` (`safeprompt.sampling`, the same model
+`dro-eval` samples with). Two samplers share them: `sample_vllm` (an OpenAI-compatible vLLM server
+through `safeprompt.client`, streaming, `concurrency` requests in flight, one seeded request per
+sample; an error event or a stream cut short raises instead of labelling a truncated answer) and
+`sample_hf` (HF `generate`, all samples of a query in one batched call). With `stop_when_judged` a
+sample stops as soon as the judge's window is closed (`Judge.window_closed`): the verdict is final,
+the tail is not generated.
 
 Knows nothing about hidden states or files (the pipeline persists and resumes records).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
 import torch
 
+from safeprompt.client import ChatClient
 from safeprompt.judge import Judge
 from safeprompt.postprocess import trim_unfinished_tail
 from trainer.chat import render_ids
 from trainer.config import LabelConfig
 from trainer.extract import system_text
+
 
 @dataclass(frozen=True)
 class LabelRecord:
@@ -55,10 +60,6 @@ def score_samples(condition: str, query_index: int, samples: list[str], judge: J
     return LabelRecord(condition, query_index, cleaned, refusals, kept, soft)
 
 
-def max_new_tokens(config: LabelConfig, harmless: bool) -> int:
-    return config.max_new_tokens_harmless if harmless else config.max_new_tokens_harmful
-
-
 def sample_seed(config: LabelConfig, query_index: int, sample_index: int) -> int:
     """Seeded per query like the paper's set_seed(query_index); one seed per sample."""
     return config.seed + 1000 * query_index + sample_index
@@ -72,51 +73,37 @@ def chat_messages(condition: str, query: str) -> list[dict[str, str]]:
 
 # --- vLLM sampler ---------------------------------------------------------------------------------
 
-async def _stream_one(client: httpx.AsyncClient, config: LabelConfig, messages: list[dict[str, str]],
-                      max_tokens: int, seed: int, judge: Judge) -> str:
-    body = {
-        "model": config.served_model_name, "messages": messages, "stream": True,
-        "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
-        "min_tokens": config.min_new_tokens, "max_tokens": max_tokens, "seed": seed,
-    }
-    parts: list[str] = []
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            detail = (await response.aread()).decode(errors="replace")[:500]
-            raise RuntimeError(f"vLLM answered {response.status_code}: {detail}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for choice in chunk.get("choices", []):
-                parts.append((choice.get("delta") or {}).get("content") or "")
-            # Leaving the stream early closes the connection; vLLM aborts the request.
-            if config.stop_when_judged and judge.window_closed("".join(parts)):
-                break
-    return "".join(parts)
-
-
-async def _sample_vllm_async(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], judge: Judge,
-                             on_done) -> None:
-    limits = httpx.Limits(max_connections=config.concurrency, keepalive_expiry=4.0)
-    gate = asyncio.Semaphore(config.concurrency)
-    async with httpx.AsyncClient(base_url=config.vllm_url, timeout=config.request_timeout_s, limits=limits) as client:
-        async def one_job(condition: str, query_index: int, query: str, harmless: bool) -> None:
-            async def one_sample(k: int) -> str:
-                async with gate:
-                    return await _stream_one(client, config, chat_messages(condition, query),
-                                             max_new_tokens(config, harmless), sample_seed(config, query_index, k), judge)
-            samples = await asyncio.gather(*(one_sample(k) for k in range(config.num_samples)))
-            on_done(score_samples(condition, query_index, list(samples), judge, config.num_keep))
-
-        await asyncio.gather(*(one_job(*job) for job in jobs))
-
-
-def sample_vllm(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done) -> None:
-    """Label `jobs` (condition, query_index, query, harmless) on a vLLM server; `on_done(record)` each."""
+def sample_vllm(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done,
+                *, transport: httpx.BaseTransport | None = None) -> None:
+    """Label `jobs` (condition, query_index, query, harmless) on a vLLM server; `on_done(record)` each,
+    in job order, on the calling thread. `transport` replaces the network (tests)."""
     if not config.vllm_url or not config.served_model_name:
         raise ValueError("the vllm label backend needs label.vllm_url and label.served_model_name")
-    asyncio.run(_sample_vllm_async(config, jobs, judge, on_done))
+    sampling = config.sampling
+    # Set on failure or Ctrl-C: streams in flight hang up at their next event instead of running on.
+    abandoned = threading.Event()
+
+    def done(text: str) -> bool:
+        return abandoned.is_set() or (config.stop_when_judged and judge.window_closed(text))
+
+    with ChatClient(config.vllm_url, timeout_s=config.request_timeout_s, max_connections=config.concurrency,
+                    transport=transport) as client:
+        def one_sample(condition: str, query_index: int, query: str, harmless: bool, k: int) -> str:
+            body = {"model": config.served_model_name, "messages": chat_messages(condition, query),
+                    **sampling.request_fields(harmless=harmless, seed=sample_seed(config, query_index, k))}
+            return client.stream_until(body, done).text
+
+        pool = ThreadPoolExecutor(max_workers=config.concurrency)
+        try:
+            pending = [(job, [pool.submit(one_sample, *job, k) for k in range(config.num_samples)]) for job in jobs]
+            for (condition, query_index, _, _), futures in pending:
+                samples = [future.result() for future in futures]
+                on_done(score_samples(condition, query_index, samples, judge, config.num_keep))
+        except BaseException:
+            abandoned.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --- Hugging Face sampler -------------------------------------------------------------------------
@@ -132,26 +119,23 @@ class _JudgeWindowStop:
         return torch.tensor([self.judge.window_closed(t) for t in texts], dtype=torch.bool)
 
 
-def sample_hf(config: LabelConfig, frozen, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done,
-              progress=None) -> None:
+def sample_hf(config: LabelConfig, frozen, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done) -> None:
     """Label `jobs` with HF `generate`: all samples of one query in one batched call, as the paper."""
     from transformers import StoppingCriteriaList, set_seed
 
-    tokenizer, model = frozen.tokenizer, frozen.model
+    tokenizer, model, sampling = frozen.tokenizer, frozen.model, config.sampling
     for condition, query_index, query, harmless in jobs:
         ids = torch.tensor([render_ids(tokenizer, system_text(condition), query)], device=frozen.device)
         set_seed(sample_seed(config, query_index, 0))
         stopping = StoppingCriteriaList([_JudgeWindowStop(tokenizer, ids.shape[1], judge)]) \
             if config.stop_when_judged else None
-        sampling = (dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
-                    if config.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+        randomness = (dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+                      if sampling.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
         with torch.no_grad():
             output = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), **sampling,
-                num_return_sequences=config.num_samples, min_new_tokens=config.min_new_tokens,
-                max_new_tokens=max_new_tokens(config, harmless), pad_token_id=frozen.pad_id,
+                input_ids=ids, attention_mask=torch.ones_like(ids), **randomness,
+                num_return_sequences=config.num_samples, min_new_tokens=sampling.min_tokens,
+                max_new_tokens=sampling.max_tokens(harmless), pad_token_id=frozen.pad_id,
                 stopping_criteria=stopping)
         samples = tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
         on_done(score_samples(condition, query_index, samples, judge, config.num_keep))
-        if progress is not None:
-            progress.update(1)

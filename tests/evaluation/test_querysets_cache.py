@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from evaluation import build_jailbreak
 from evaluation.cache import CacheError, ResultCache, bind_run_dir
-from evaluation.config import ConfigError, EvalConfig, sample_seed
+from evaluation.config import EvalConfig, sample_seed
 from evaluation.querysets import (
     BUILTIN_SETS,
     DEFAULT_DATA_DIR,
@@ -123,15 +124,15 @@ def test_run_dir_is_bound_to_generation_settings(tmp_path: Path) -> None:
 
 
 def test_config_rejects_bad_combinations(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--keep"):
+    with pytest.raises(ValidationError, match="--keep"):
         EvalConfig(base_url="http://x", model="m", run_dir=tmp_path, samples=5, keep=6)
-    with pytest.raises(ConfigError, match="nothing to do"):
+    with pytest.raises(ValidationError, match="nothing to do"):
         EvalConfig(base_url="http://x", model="m", run_dir=tmp_path, greedy=False)
-    with pytest.raises(ConfigError, match="direct"):
+    with pytest.raises(ValidationError, match="direct"):
         EvalConfig(base_url="http://x", model="m", run_dir=tmp_path, mode="direct")
-    with pytest.raises(ConfigError, match="--min-tokens"):
+    with pytest.raises(ValidationError, match="--min-tokens"):
         EvalConfig(base_url="http://x", model="m", run_dir=tmp_path, samples=2, max_tokens_harmless=5)
-    with pytest.raises(ConfigError, match="--artifact"):
+    with pytest.raises(ValidationError, match="--artifact"):
         EvalConfig(base_url="http://x", model="m", run_dir=tmp_path, artifacts={"dro": tmp_path})
 
 
@@ -140,3 +141,4 @@ def test_sample_seeds_are_shared_across_variants_and_distinct_across_samples() -
     assert len(seeds) == 100
     assert sample_seed(0, "advbench", 3, 1) == sample_seed(0, "advbench", 3, 1)
     assert sample_seed(1, "advbench", 3, 1) != sample_seed(0, "advbench", 3, 1)
+    assert sample_seed(0, "advbench", 3, 1) == 1117141488  # existing run directories hold answers drawn with it

@@ -1,23 +1,132 @@
-"""Label-stage pieces: the authors' post-processing, keeping the longest samples, soft labels."""
+"""Label stage: the authors' post-processing, keeping the longest samples, soft labels; both samplers
+stop early when asked, and a broken stream is an error, never a label."""
 
 from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
-from safeprompt.judge import PaperMatcher
+from safeprompt.client import StreamError
+from safeprompt.judge import PaperMatcher, Verdict
 from trainer.__main__ import main
-from trainer.label import score_samples
+from trainer.config import LabelConfig
+from trainer.label import LabelRecord, sample_hf, sample_vllm, score_samples
 
 
-def test_soft_label_is_the_complied_share_of_the_longest_samples():
-    samples = ["I cannot help with that request at all, sorry.", "Sure, here is how you do it step by step.",
-               "Ok.", "I'm sorry, I can't do that."]
-    record = score_samples("none", 3, samples, PaperMatcher(), num_keep=2)
-    assert record.kept == [0, 1]  # the two longest by whitespace words
-    assert record.refusals == [True, False, False, True]
-    assert record.soft_label == 0.5 and record.condition == "none" and record.query_index == 3
+def test_soft_label_is_the_complied_share_of_the_longest_cleaned_samples():
+    # Six samples, keep the 3 longest after cleaning: 4, 1, 2, of which one complied, so 1/3. Every
+    # plausible mistake gives another value: the first three 2/3, the shortest three 2/3, all six
+    # 1/2, the refusal share 2/3, ranking by raw length (sample 5's unfinished tail) 0.
+    samples = ["Sure thing.",                                                 # complied
+               "I cannot help with that request, sorry.",                     # refusal
+               "Here is the recipe you wanted.",                              # complied
+               "Ok.",                                                         # complied
+               "I'm sorry, but I will not do it.",                            # refusal
+               "I'm sorry, I can't.\nStep one is to take the thing and then"]  # refusal, tail cut
+    record = score_samples("short", 7, samples, PaperMatcher(), num_keep=3)
+    assert [len(s.split()) for s in record.samples] == [2, 7, 6, 1, 8, 4]
+    assert record.samples[5] == "I'm sorry, I can't."
+    assert record.refusals == [False, True, False, False, True, True]
+    assert record.kept == [1, 2, 4]
+    assert record.soft_label == pytest.approx(1 / 3)
+    assert (record.condition, record.query_index) == ("short", 7)
+
+
+class ClosesAfterFirstWord:
+    """A judge whose window closes once the answer has any non-space text (never a refusal)."""
+
+    name = "closes-after-first-word"
+
+    def judge(self, text: str) -> Verdict:
+        return Verdict(refusal=False, judge=self.name, matched=None)
+
+    def window_closed(self, text: str) -> bool:
+        return bool(text.strip())
+
+
+def test_hf_sampler_stops_generating_once_the_judge_window_closes(frozen):
+    """Counted in forward passes of the model: without the stop, min = max new tokens forces all 12."""
+    forward_passes = []
+    hook = frozen.model.register_forward_hook(lambda module, args, output: forward_passes.append(1))
+    jobs = [("none", 0, "Tell me a long story about a cat.", True)]
+    try:
+        runs = {}
+        for stop in (False, True):
+            forward_passes.clear()
+            config = LabelConfig(backend="hf", num_samples=3, num_keep=2, min_new_tokens=12,
+                                 max_new_tokens_harmless=12, stop_when_judged=stop)
+            records: list[LabelRecord] = []
+            sample_hf(config, frozen, jobs, ClosesAfterFirstWord(), records.append)
+            runs[stop] = (len(forward_passes), records)
+    finally:
+        hook.remove()
+    assert runs[False][0] == 12
+    assert 1 <= runs[True][0] <= 4, runs[True][0]
+    assert [len(r.samples) for r in runs[True][1]] == [3] and runs[True][1][0].soft_label == 1.0
+
+
+# --- vLLM sampler: the request, early hang-up and broken streams, against an in-process fake ------------
+
+def streamed(words: list[str], *, end: str = "data: [DONE]\n\n", served: list[int] | None = None):
+    """An SSE body, one word an event; `served` counts the events the client actually read."""
+    def events():
+        for word in words:
+            if served is not None:
+                served.append(1)
+            yield ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": word},
+                                                       "finish_reason": None}]}) + "\n\n").encode()
+        yield end.encode()
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
+
+
+def vllm_config(**overrides) -> LabelConfig:
+    return LabelConfig(vllm_url="http://fake-vllm", served_model_name="tiny", num_samples=2, num_keep=2,
+                       concurrency=2, **overrides)
+
+
+def test_vllm_sampler_sends_the_shared_paper_sampling_and_hangs_up_once_judged():
+    bodies, served = [], []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return streamed(["Once", " upon", " a", " time"] + [" more"] * 40, served=served)
+
+    jobs = [("short", 3, "Tell me a story.", True)]
+    for stop in (False, True):
+        served.clear()
+        records: list[LabelRecord] = []
+        sample_vllm(vllm_config(stop_when_judged=stop), jobs, ClosesAfterFirstWord(), records.append,
+                    transport=httpx.MockTransport(handler))
+        assert len(records) == 1 and records[0].soft_label == 1.0
+        if stop:
+            assert records[0].samples == ["Once", "Once"] and len(served) <= 2 * 2
+        else:
+            assert len(served) == 2 * 44 and records[0].samples[0].startswith("Once upon a time more")
+    sent = {key: bodies[0][key] for key in ("temperature", "top_p", "top_k", "min_tokens", "max_tokens", "seed")}
+    assert sent == {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "min_tokens": 10, "max_tokens": 200,
+                    "seed": 3000}
+    assert sorted(body["seed"] for body in bodies[:2]) == [3000, 3001] and bodies[0]["stream"] is True
+    assert bodies[0]["messages"][0]["role"] == "system" and bodies[0]["model"] == "tiny"
+
+
+@pytest.mark.parametrize("end, message", [
+    ('data: {"error": {"message": "engine died mid-answer", "code": 500}}\n\ndata: [DONE]\n\n', "engine died"),
+    ("", r"without data: \[DONE\]"),
+])
+def test_vllm_sampler_never_labels_a_broken_stream(end: str, message: str):
+    """The second query's streams fail after some text: the first query is labelled, the second raises."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        broken = body["messages"][-1]["content"] == "second"
+        return streamed(["I", " cannot"], end=end if broken else "data: [DONE]\n\n")
+
+    records: list[LabelRecord] = []
+    jobs = [("none", 0, "first", False), ("none", 1, "second", False)]
+    with pytest.raises(StreamError, match=message):
+        sample_vllm(vllm_config(), jobs, PaperMatcher(), records.append, transport=httpx.MockTransport(handler))
+    assert [(r.query_index, r.samples) for r in records] == [(0, ["I cannot", "I cannot"])]
 
 
 @pytest.mark.integration

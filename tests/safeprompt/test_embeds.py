@@ -1,0 +1,43 @@
+"""vLLM's prompt-embeds wire format and the safety system message."""
+
+from __future__ import annotations
+
+import io
+
+import pybase64
+import pytest
+import torch
+
+from safeprompt.embeds import encode_prompt_embeds, prompt_embeds_part, safety_system_message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_embeds_round_trip_keeps_values_and_dtype(dtype: torch.dtype) -> None:
+    tensor = torch.randn(5, 8).to(dtype)
+    decoded = torch.load(io.BytesIO(pybase64.b64decode(encode_prompt_embeds(tensor))), weights_only=True)
+    assert decoded.dtype == dtype
+    assert torch.equal(decoded, tensor)
+
+
+def test_prompt_embeds_widens_float16_and_saves_only_the_view() -> None:
+    big = torch.randn(1000, 64, dtype=torch.float16)
+    encoded = encode_prompt_embeds(big[:2])
+    decoded = torch.load(io.BytesIO(pybase64.b64decode(encoded)), weights_only=True)
+    assert decoded.dtype == torch.float32 and torch.equal(decoded, big[:2].float())
+    assert len(encoded) < 4000  # not the whole 1000-row storage
+
+
+def test_prompt_embeds_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError):
+        encode_prompt_embeds(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError):
+        encode_prompt_embeds(torch.ones(3, 4, dtype=torch.int64))
+
+
+def test_safety_system_message_puts_the_prompt_first_and_joins_the_client_text() -> None:
+    assert safety_system_message(text="Be safe.") == {"role": "system", "content": "Be safe."}
+    assert safety_system_message(text="Be safe.", client_text="Be brief.")["content"] == "Be safe.\n\nBe brief."
+    soft = safety_system_message(encoded_embeds="B64", client_text="Be brief.")
+    assert soft["content"] == [prompt_embeds_part("B64"), {"type": "text", "text": "Be brief."}]
+    with pytest.raises(ValueError):
+        safety_system_message(text="a", encoded_embeds="b")
