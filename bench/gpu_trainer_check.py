@@ -181,8 +181,7 @@ def build_frozen_model(tokenizer, shape: str, device: torch.device, dtype: torch
     model.eval()
     model.requires_grad_(False)
     assert {p.dtype for p in model.parameters()} == {dtype}, {p.dtype for p in model.parameters()}
-    frozen = FrozenChatModel(model=model, tokenizer=tokenizer, sentinel_id=sentinel_id, pad_id=int(pad_id),
-                             model_dir=Path(f"<random llama-2-7b shape: {shape}>"))
+    frozen = FrozenChatModel(model=model, tokenizer=tokenizer, sentinel_id=sentinel_id, pad_id=int(pad_id))
     return frozen, config
 
 
@@ -248,7 +247,7 @@ def make_geometry(states: torch.Tensor | None, hidden_size: int, seed: int):
     """PCA (4 components) of the extracted states, or a random orthonormal basis when extract did not run;
     random probe weights with the norm of a real fit (~0.1). Returns (DroGeometry, how it was made)."""
     from trainer.fit import fit_pca
-    from trainer.optimize import DroGeometry
+    from trainer.geometry import DroGeometry, Pca, Probe
 
     generator = torch.Generator().manual_seed(seed)
     if states is not None:
@@ -258,7 +257,9 @@ def make_geometry(states: torch.Tensor | None, hidden_size: int, seed: int):
         source = "random orthonormal basis (extract did not run)"
     refusal, harmfulness = (0.1 * torch.nn.functional.normalize(torch.randn(4, generator=generator), dim=0)
                             for _ in range(2))
-    return DroGeometry(components.contiguous(), refusal, harmfulness), source
+    # The loss reads only the probes' weights (their biases cancel in Δz · w).
+    return DroGeometry(Pca(components.contiguous()), Probe(refusal, torch.zeros(())),
+                       Probe(harmfulness, torch.zeros(()))), source
 
 
 def measure_optimize(frozen, harmful: list[str], harmless: list[str], states: torch.Tensor | None,
@@ -268,15 +269,16 @@ def measure_optimize(frozen, harmful: list[str], harmless: list[str], states: to
     part's record goes to `save` after every run."""
     from safeprompt.prompts import HUMAN_PROMPTS
     from trainer.chat import find_prompt_span
+    from trainer.config import OptimizeConfig
     from trainer.extract import extract_condition_states
-    from trainer.optimize import LossWeights, Schedule, optimize_soft_prompt
+    from trainer.optimize import optimize_soft_prompt
 
     half = args.batch_size // 2
     queries = harmful[:half] + harmless[:args.batch_size - half]  # one batch = one step per epoch
     labels = torch.tensor([0.0] * half + [1.0] * (args.batch_size - half))  # [B], 1 = harmless
     prompt = HUMAN_PROMPTS[INIT_PROMPT]
     span = find_prompt_span(frozen.tokenizer, frozen.sentinel_id, prompt, queries[0])
-    init = frozen.embedding().weight[span].detach().float().cpu().clone()  # [N, H], as trainer.pipeline does
+    init = frozen.embedding().weight[span].detach().float().cpu().clone()  # [N, H], as trainer.optimize.initial_soft_prompt does
     reference = extract_condition_states(frozen, prompt, queries, min(args.batch_size, 50))  # h0 [B, H] float32
     geometry, geometry_source = make_geometry(states, frozen.hidden_size, args.seed)
     part = {"init_prompt": INIT_PROMPT, "num_virtual_tokens": len(span), "batch_size": args.batch_size,
@@ -290,12 +292,12 @@ def measure_optimize(frozen, harmful: list[str], harmless: list[str], states: to
             part["runs"].append({"micro_batch_size": micro, "skipped": "time budget spent"})
             save(part)
             continue
-        schedule = Schedule(batch_size=args.batch_size, micro_batch_size=micro, epochs=1 + args.steps)
+        schedule = OptimizeConfig(batch_size=args.batch_size, micro_batch_size=micro, epochs=1 + args.steps)
         meter.start()
         started = time.perf_counter()
         try:
-            _, history = optimize_soft_prompt(frozen, queries, labels, reference, init, geometry, LossWeights(),
-                                              schedule, show_progress=False)
+            _, history = optimize_soft_prompt(frozen, queries, labels, reference, init, geometry, schedule,
+                                              show_progress=False)
         except torch.cuda.OutOfMemoryError as error:
             part["runs"].append({"micro_batch_size": micro, "error": f"out of memory: {error}".splitlines()[0],
                                  "peak_memory_gib": meter.peak_gib()})

@@ -87,7 +87,6 @@ def build_config(args: argparse.Namespace):
 
 def run_stages(stage: str, config, show_progress: bool) -> None:
     from trainer import pipeline, store
-    from trainer.export import run_export
     from trainer.report import print_summary
 
     if config.torch_threads:
@@ -96,15 +95,11 @@ def run_stages(stage: str, config, show_progress: bool) -> None:
         torch.set_num_threads(config.torch_threads)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     store.write_json(config.run_dir / "config.json", config.model_dump(mode="json"))
-    keys = pipeline.stage_keys(config)
-    steps = {"label": pipeline.run_label, "extract": pipeline.run_extract, "fit": pipeline.run_fit,
-             "optimize": pipeline.run_optimize,
-             "export": lambda c, show_progress: run_export(c, keys["export"])}
     chosen = pipeline.STAGES if stage in ("all", "run") else (stage,)
     for name in chosen:
-        print(f"[trainer] {name}: {'done earlier, skipped' if store.stage_done(config.run_dir, name, keys[name]) else 'running'}",
+        print(f"[trainer] {name}: {'done earlier, skipped' if pipeline.stage_is_done(config, name) else 'running'}",
               file=sys.stderr)
-        steps[name](config, show_progress=show_progress)
+        pipeline.STAGE_RUNNERS[name](config, show_progress=show_progress)
     print_summary(config.run_dir, sys.stdout)
 
 
@@ -124,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from safeprompt.artifact import ArtifactError
     from trainer.chat import ChatTemplateError
     from trainer.data import QueryFileError
+    from safeprompt.client import ChatRequestError
     from trainer.pipeline import LabelBalanceError
 
     args = parse_args(argv)
@@ -138,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except (QueryFileError, ChatTemplateError, LabelBalanceError, ArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ChatRequestError as exc:  # the label stage's vLLM server failed or went away
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

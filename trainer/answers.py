@@ -5,7 +5,8 @@ preachy (the failure the first Qwen run showed). So the optimize stage also deco
 harmful and harmless training queries greedily under θ0 (the initial prompt) and under the trained θ,
 with the trainer's own spliced forward (`trainer.model.greedy_generate`, the path that is token-
 identical to vLLM), and records their length in words and whether they finished (eos before the
-token limit). `trainer.health.answer_health` turns that into figures and warnings.
+token limit); `check_answers` picks the queries and records both. `trainer.health.answer_health` turns that
+into figures and warnings.
 Knows nothing about files.
 """
 
@@ -53,3 +54,17 @@ def greedy_answers(frozen: FrozenChatModel, soft_prompt: torch.Tensor, queries: 
         text = frozen.tokenizer.decode([t for t in tokens if t not in stop], skip_special_tokens=True).strip()
         answers.append(Answer(query, text, finished))
     return answers
+
+
+def check_answers(frozen: FrozenChatModel, init: torch.Tensor, trained: torch.Tensor, queries: list[str],
+                  harmless: list[float], per_class: int, max_new_tokens: int) -> dict:
+    """Greedy answers of the first `per_class` harmful and harmless training queries under θ0 and θ
+    ([N, hidden] each); {} when per_class is 0. The dict is what optimize.json records as 'answers'."""
+    if per_class == 0:
+        return {}
+    chosen = ([i for i, h in enumerate(harmless) if h < 0.5][:per_class]
+              + [i for i, h in enumerate(harmless) if h >= 0.5][:per_class])
+    picked = [queries[i] for i in chosen]
+    return {"harmless": [harmless[i] >= 0.5 for i in chosen], "max_new_tokens": max_new_tokens,
+            "init": [a.to_json() for a in greedy_answers(frozen, init, picked, max_new_tokens)],
+            "trained": [a.to_json() for a in greedy_answers(frozen, trained, picked, max_new_tokens)]}

@@ -12,6 +12,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from safeprompt.prompts import PROMPT_CONDITIONS
+from safeprompt.sampling import (
+    PAPER_NUM_KEEP,
+    PAPER_NUM_SAMPLES,
+    PAPER_SAMPLING,
+    MaxTokens,
+    MinTokens,
+    Sampling,
+    Temperature,
+    TopP,
+)
 
 Condition = Literal["none", "default", "short", "mistral"]
 # What θ starts from: a human prompt's in-context tokens, or `template_default`, the system prompt
@@ -46,14 +56,15 @@ class LabelConfig(_Strict):
     # The project's default judge (safeprompt.judge.DEFAULT_JUDGE); the paper used its string matcher
     # (`paper`) plus LlamaGuard: a recorded deviation (docs/trainer.md).
     judge: str = "phrases"
-    num_samples: int = Field(default=25, gt=0)
-    num_keep: int = Field(default=20, gt=0, description="keep the N longest samples (whitespace words)")
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=0.9, gt=0, le=1)
-    top_k: int = 50
-    min_new_tokens: int = Field(default=10, ge=0)
-    max_new_tokens_harmful: int = Field(default=300, gt=0)
-    max_new_tokens_harmless: int = Field(default=200, gt=0)
+    num_samples: int = Field(default=PAPER_NUM_SAMPLES, gt=0)
+    num_keep: int = Field(default=PAPER_NUM_KEEP, gt=0, description="keep the N longest samples (whitespace words)")
+    # The paper's sampling (safeprompt.sampling, shared with dro-eval), under Hugging Face's names.
+    temperature: Temperature = PAPER_SAMPLING.temperature
+    top_p: TopP = PAPER_SAMPLING.top_p
+    top_k: int = PAPER_SAMPLING.top_k
+    min_new_tokens: MinTokens = PAPER_SAMPLING.min_tokens
+    max_new_tokens_harmful: MaxTokens = PAPER_SAMPLING.max_tokens_harmful
+    max_new_tokens_harmless: MaxTokens = PAPER_SAMPLING.max_tokens_harmless
     # Deviation when True: stop a sample once the judge's window is closed (verdict final); the
     # "keep the longest" selection then sees truncated lengths.
     stop_when_judged: bool = False
@@ -68,6 +79,10 @@ class LabelConfig(_Strict):
         if not self.conditions or len(set(self.conditions)) != len(self.conditions):
             raise ValueError("conditions must be non-empty and distinct")
         return self
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling.of(self)
 
 
 class ExtractConfig(_Strict):

@@ -4,12 +4,13 @@ The manifest records the configs, data hashes, label balance, fit and training m
 timings and `forced`. The chat-template hash is the one `safeprompt.artifact.read_model_info` computes
 from the model folder; export checks that the tokenizer the trainer used carries the same template,
 so the gateway accepts the artifact for exactly the model it was trained on.
+The geometry tensors are `trainer.geometry.DroGeometry`'s, read from `directions.safetensors` and
+written back under the same names. Runs under `trainer.pipeline`'s stage runner (`run_export`).
 Knows the run-directory layout (via `trainer.store`) and the artifact format; no training maths.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -19,9 +20,7 @@ from safeprompt.files import sha256_text
 from trainer import store
 from trainer.config import RunConfig
 from trainer.data import load_training_queries
-
-ARTIFACT_TENSORS = ("pca_mean", "pca_components", "refusal_weight", "refusal_bias",
-                    "harmfulness_weight", "harmfulness_bias")
+from trainer.geometry import DroGeometry
 
 
 def check_template_hash(model_dir: Path) -> str | None:
@@ -37,14 +36,11 @@ def check_template_hash(model_dir: Path) -> str | None:
     return info.chat_template_sha256
 
 
-def run_export(config: RunConfig, key: dict) -> Path:
+def export_artifact(config: RunConfig, target: Path) -> Path:
+    """The run's outputs -> the artifact at `target` (and the plots under <run_dir>/plots)."""
     run_dir = config.run_dir
-    target = config.export.artifact_dir or run_dir / "artifact"
-    if store.stage_done(run_dir, "export", key) and (target / "manifest.json").is_file():
-        return target
-    started = time.monotonic()
     data = load_training_queries(config.data)
-    directions = store.read_tensors(run_dir / "directions.safetensors")
+    geometry = DroGeometry.from_tensors(store.read_tensors(run_dir / "directions.safetensors"))
     optimized = store.read_tensors(run_dir / "soft_prompt.safetensors")
     fit, optimize = store.read_json(run_dir / "fit.json"), store.read_json(run_dir / "optimize.json")
     # The soft prompt is stored in the dtype it was spliced in during training when that is bf16 (the
@@ -78,11 +74,9 @@ def run_export(config: RunConfig, key: dict) -> Path:
         },
         notes=f"model hidden size {info.hidden_size}; trained by python -m trainer",
     )
-    tensors = {"soft_prompt": soft, **{name: directions[name].float() for name in ARTIFACT_TENSORS}}
-    save_artifact(target, manifest, tensors)
+    save_artifact(target, manifest, {"soft_prompt": soft, **geometry.to_tensors()})
     if config.export.plots:
         from trainer.report import write_plots
 
         write_plots(run_dir, run_dir / "plots")
-    store.mark_done(run_dir, "export", key, time.monotonic() - started)
     return target

@@ -12,7 +12,7 @@ Follows the authors' `estimate.py` exactly where it matters for DRO's loss scale
 - 10 folds: indices shuffled by `random.Random(42)`, cut into consecutive folds; fold weights and
   biases are averaged.
 
-`solver="converged"` (a recorded deviation, for models whose PCA coordinates are small): the same
+`probe_solver="converged"` (a recorded deviation, for models whose PCA coordinates are small): the same
 folds, but each fold's probe is fitted to convergence (full-batch L-BFGS on mean BCE plus
 `l2`/2·‖w‖²) instead of tiny-lr AdamW with patience 3. With small coordinates the paper's recipe
 stops after a handful of steps, so its weights stay near their random initialisation and the
@@ -21,6 +21,9 @@ stops after a handful of steps, so its weights stay near their random initialisa
 Sign conventions (the paper's): refusal label 1 = complied (not refused); harmfulness label
 1 = harmless. So w_r points toward compliance, and the refusal direction is -w_r.
 
+`fit_directions` is the whole stage over the extracted states and soft labels: the paper's sample
+order, PCA, projection (`trainer.geometry.project`), both probes, their training accuracies. The
+recipe's settings are `FitConfig`'s fields (defaults written once, there).
 Pure functions over tensors; knows nothing about models or files.
 """
 
@@ -33,18 +36,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.config import FitConfig
+from trainer.geometry import DroGeometry, Pca, Probe
 
-@dataclass(frozen=True)
-class Pca:
-    """mean [hidden] float32, components [hidden, k] float32 (orthonormal columns), explained [k]."""
 
-    mean: torch.Tensor
-    components: torch.Tensor
-    explained_variance_ratio: torch.Tensor
-
-    def project(self, states: torch.Tensor) -> torch.Tensor:
-        """[..., hidden] -> [..., k] coordinates z = Uᵀ(h − μ)."""
-        return (states.float() - self.mean) @ self.components
+def paper_order(tensor: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """[C, Q, ...] -> [C*Q, ...] in estimate.py's order: harmful x conditions, then harmless x conditions."""
+    groups = [torch.nonzero(harmless < 0.5).squeeze(-1), torch.nonzero(harmless >= 0.5).squeeze(-1)]
+    return torch.cat([tensor[c, g] for g in groups for c in range(tensor.shape[0])])
 
 
 def fit_pca(states: torch.Tensor, num_components: int = 4) -> Pca:
@@ -60,38 +59,24 @@ def fit_pca(states: torch.Tensor, num_components: int = 4) -> Pca:
     components = components * signs
     variance = singular**2
     ratio = variance[:num_components] / variance.sum()
-    return Pca(mean=mean.float(), components=components.T.contiguous().float(),
+    return Pca(components=components.T.contiguous().float(), mean=mean.float(),
                explained_variance_ratio=ratio.float())
 
 
 @dataclass(frozen=True)
-class Probe:
-    """A logistic probe in PCA space: logit = z · weight + bias. weight [k], bias [] (float32)."""
+class ProbeFit:
+    """A fitted probe (the fold average) with its folds: fold_weights [folds, k], fold_biases [folds],
+    each fold's best step and held-out BCE."""
 
-    weight: torch.Tensor
-    bias: torch.Tensor
-    fold_weights: torch.Tensor  # [folds, k]
-    fold_biases: torch.Tensor  # [folds]
+    probe: Probe
+    fold_weights: torch.Tensor
+    fold_biases: torch.Tensor
     fold_steps: list[int]
     fold_heldout_bce: list[float]
 
-    def logits(self, coords: torch.Tensor) -> torch.Tensor:
-        return coords @ self.weight + self.bias
-
-
-@dataclass(frozen=True)
-class ProbeRecipe:
-    """The authors' recipe; every field is configurable from the fit config."""
-
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    max_steps: int = 10000
-    solver: str = "paper"  # "paper" (tiny-lr AdamW, early stopping) or "converged" (L-BFGS to optimum)
-    l2: float = 0.01  # converged solver only: penalty on ‖w‖² (mean-BCE scale)
-    patience: int = 3
-    min_delta: float = 1e-4
-    num_folds: int = 10
-    seed: int = 42
+    def to_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {**self.probe.to_tensors(name), f"{name}_fold_weights": self.fold_weights,
+                f"{name}_fold_biases": self.fold_biases}
 
 
 def fold_indices(n: int, num_folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
@@ -114,7 +99,7 @@ def init_linear(k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch
 
 def train_probe_folds(train_x: torch.Tensor, train_y: torch.Tensor, heldout_x: torch.Tensor,
                       heldout_y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      recipe: ProbeRecipe) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
+                      config: FitConfig) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
     """The authors' `train_model`, for F independent folds at once.
 
     train_x [F, n, k], train_y [F, n], heldout_x [F, m, k], heldout_y [F, m] float32; initial
@@ -126,7 +111,7 @@ def train_probe_folds(train_x: torch.Tensor, train_y: torch.Tensor, heldout_x: t
     folds = weight.shape[0]
     weight = weight.clone().requires_grad_(True)
     bias = bias.clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([weight, bias], lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW([weight, bias], lr=config.lr, weight_decay=config.weight_decay)
     best_w, best_b = weight.detach().clone(), bias.detach().clone()
     best_loss = torch.full((folds,), 1e5)
     best_step = torch.zeros(folds, dtype=torch.long)
@@ -142,19 +127,19 @@ def train_probe_folds(train_x: torch.Tensor, train_y: torch.Tensor, heldout_x: t
         with torch.no_grad():
             heldout_logits = torch.einsum("fmk,fk->fm", heldout_x, weight) + bias[:, None]
             heldout = F.binary_cross_entropy_with_logits(heldout_logits, heldout_y, reduction="none").mean(dim=1)
-            improved = active & (heldout < best_loss - recipe.min_delta)
+            improved = active & (heldout < best_loss - config.min_delta)
             best_loss = torch.where(improved, heldout, best_loss)
             best_w = torch.where(improved[:, None], weight.detach(), best_w)
             best_b = torch.where(improved, bias.detach(), best_b)
             best_step = torch.where(improved, step, best_step)
             misses = torch.where(improved, 0, misses + active.long())
-            active = active & (misses < recipe.patience) & (step < recipe.max_steps)
+            active = active & (misses < config.patience) & (step < config.max_steps)
     return best_w, best_b, best_step.tolist(), best_loss.tolist()
 
 
 def train_probe_folds_converged(train_x: torch.Tensor, train_y: torch.Tensor, heldout_x: torch.Tensor,
                                 heldout_y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                recipe: ProbeRecipe) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
+                                config: FitConfig) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
     """L2-regularised logistic regression per fold, fitted to convergence (same shapes as
     `train_probe_folds`). The folds' objectives are independent, so minimising their sum with one
     L-BFGS minimises each. Accumulates in float64 on purpose (a converged fit, not a few steps).
@@ -162,14 +147,14 @@ def train_probe_folds_converged(train_x: torch.Tensor, train_y: torch.Tensor, he
     x, y = train_x.double(), train_y.double()
     weight = weight.double().clone().requires_grad_(True)
     bias = bias.double().clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=recipe.max_steps, tolerance_grad=1e-10,
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=config.max_steps, tolerance_grad=1e-10,
                                   tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:
         optimizer.zero_grad()
         logits = torch.einsum("fnk,fk->fn", x, weight) + bias[:, None]
         loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=1)
-                + 0.5 * recipe.l2 * weight.pow(2).sum(dim=1)).sum()
+                + 0.5 * config.l2 * weight.pow(2).sum(dim=1)).sum()
         loss.backward()
         return loss
 
@@ -182,33 +167,74 @@ def train_probe_folds_converged(train_x: torch.Tensor, train_y: torch.Tensor, he
             heldout.float().tolist())
 
 
-def fit_probe(coords: torch.Tensor, labels: torch.Tensor, recipe: ProbeRecipe,
-              generator: torch.Generator) -> Probe:
+def fit_probe(coords: torch.Tensor, labels: torch.Tensor, config: FitConfig,
+              generator: torch.Generator) -> ProbeFit:
     """Fold-averaged logistic probe. coords [n, k] float32, labels [n] float32 in [0, 1]."""
     assert coords.ndim == 2 and labels.shape == (coords.shape[0],), (coords.shape, labels.shape)
     coords, labels = coords.float(), labels.float()
-    folds = fold_indices(coords.shape[0], recipe.num_folds, recipe.seed)
+    folds = fold_indices(coords.shape[0], config.num_folds, config.seed)
     inits = [init_linear(coords.shape[1], generator) for _ in folds]  # fold order = the authors' RNG order
     train = torch.tensor([t for t, _ in folds])
     heldout = torch.tensor([h for _, h in folds])
     weight0 = torch.cat([w for w, _ in inits])  # [F, k]
     bias0 = torch.cat([b for _, b in inits])  # [F]
-    train_folds = train_probe_folds if recipe.solver == "paper" else train_probe_folds_converged
+    train_folds = train_probe_folds if config.probe_solver == "paper" else train_probe_folds_converged
     fold_w, fold_b, steps, losses = train_folds(coords[train], labels[train], coords[heldout],
-                                                labels[heldout], weight0, bias0, recipe)
-    return Probe(weight=fold_w.mean(0), bias=fold_b.mean(0), fold_weights=fold_w, fold_biases=fold_b,
-                 fold_steps=steps, fold_heldout_bce=losses)
+                                                labels[heldout], weight0, bias0, config)
+    return ProbeFit(probe=Probe(weight=fold_w.mean(0), bias=fold_b.mean(0)), fold_weights=fold_w,
+                    fold_biases=fold_b, fold_steps=steps, fold_heldout_bce=losses)
 
 
 def fit_probes(coords: torch.Tensor, refusal_labels: torch.Tensor, harmless_labels: torch.Tensor,
-               recipe: ProbeRecipe) -> tuple[Probe, Probe]:
+               config: FitConfig) -> tuple[ProbeFit, ProbeFit]:
     """Refusal probe (label 1 = complied) then harmfulness probe (label 1 = harmless), one RNG stream."""
-    generator = torch.Generator().manual_seed(recipe.seed)
-    refusal = fit_probe(coords, refusal_labels, recipe, generator)
-    harmfulness = fit_probe(coords, harmless_labels, recipe, generator)
+    generator = torch.Generator().manual_seed(config.seed)
+    refusal = fit_probe(coords, refusal_labels, config, generator)
+    harmfulness = fit_probe(coords, harmless_labels, config, generator)
     return refusal, harmfulness
 
 
 def probe_accuracy(probe: Probe, coords: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of samples whose predicted side (logit > 0) matches label > 0.5."""
-    return float(((probe.logits(coords) > 0) == (labels > 0.5)).float().mean())
+    return float(((probe.score(coords) > 0) == (labels > 0.5)).float().mean())
+
+
+@dataclass(frozen=True)
+class Directions:
+    """The fit stage's result: PCA, both probes with their folds, the labels they were fitted to
+    (paper order, [C*Q] float32) and their training accuracies."""
+
+    pca: Pca
+    refusal: ProbeFit
+    harmfulness: ProbeFit
+    refusal_labels: torch.Tensor
+    harmless_labels: torch.Tensor
+    refusal_accuracy: float
+    harmfulness_accuracy: float
+
+    @property
+    def geometry(self) -> DroGeometry:
+        return DroGeometry(self.pca, self.refusal.probe, self.harmfulness.probe)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """directions.safetensors: the geometry plus each probe's per-fold weights and biases."""
+        return {**self.pca.to_tensors(), **self.refusal.to_tensors("refusal"),
+                **self.harmfulness.to_tensors("harmfulness")}
+
+
+def fit_directions(states: torch.Tensor, soft_labels: torch.Tensor, harmless: torch.Tensor,
+                   config: FitConfig) -> Directions:
+    """The fit stage. states [C, Q, hidden] float32, soft_labels [C, Q] (1 = complied), harmless [Q]
+    in {0, 1}; every (condition, query) state is one sample, in the authors' order."""
+    assert states.dtype == torch.float32 and states.ndim == 3 and states.shape[:2] == soft_labels.shape, (
+        states.dtype, tuple(states.shape), tuple(soft_labels.shape))
+    x = paper_order(states, harmless)  # [C*Q, H]
+    y_refusal = paper_order(soft_labels, harmless)  # [C*Q], 1 = complied
+    y_harmless = paper_order(harmless.expand_as(soft_labels), harmless)  # [C*Q], 1 = harmless
+    pca = fit_pca(x, config.num_components)
+    coords = pca.project(x)  # [C*Q, k]
+    refusal, harmfulness = fit_probes(coords, y_refusal, y_harmless, config)
+    return Directions(pca=pca, refusal=refusal, harmfulness=harmfulness, refusal_labels=y_refusal,
+                      harmless_labels=y_harmless,
+                      refusal_accuracy=probe_accuracy(refusal.probe, coords, y_refusal),
+                      harmfulness_accuracy=probe_accuracy(harmfulness.probe, coords, y_harmless))

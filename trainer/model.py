@@ -26,15 +26,10 @@ class FrozenChatModel:
     tokenizer: object
     sentinel_id: int
     pad_id: int
-    model_dir: Path
 
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -69,8 +64,7 @@ def load_frozen_model(model_dir: str | Path, dtype: str = "float32", device: str
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ChatTemplateError(f"tokenizer of {folder} has neither a pad nor an eos token")
-    return FrozenChatModel(model=model, tokenizer=tokenizer, sentinel_id=sentinel_id, pad_id=int(pad_id),
-                           model_dir=folder)
+    return FrozenChatModel(model=model, tokenizer=tokenizer, sentinel_id=sentinel_id, pad_id=int(pad_id))
 
 
 def last_prompt_states(model: torch.nn.Module, attention_mask: torch.Tensor, lengths: torch.Tensor, *,

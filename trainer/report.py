@@ -5,7 +5,7 @@
   dimensions with no prompt, with the human prompt, and with the trained soft prompt; the refusal
   direction drawn as the paper's figures draw it, the arrow −w_r from the PCA origin) and
   `loss_curves.png`.
-Reads run-directory files only; no training maths.
+Reads run-directory files only; no training maths (the PCA coordinates are `trainer.geometry`'s projection).
 """
 
 from __future__ import annotations
@@ -92,17 +92,18 @@ def write_plots(run_dir: Path, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import torch
 
+    from trainer.geometry import DroGeometry
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    directions = store.read_tensors(run_dir / "directions.safetensors")
+    geometry = DroGeometry.from_tensors(store.read_tensors(run_dir / "directions.safetensors"))
     states = store.read_tensors(run_dir / "states.safetensors")["states"]
     optimized = store.read_tensors(run_dir / "soft_prompt.safetensors")
     labels = store.read_json(run_dir / "labels.json")
     optimize = store.read_json(run_dir / "optimize.json")
     harmless = torch.tensor(labels["harmless"]) >= 0.5
-    mean, basis = directions["pca_mean"], directions["pca_components"]
 
     def coords(x):
-        return ((x.float() - mean) @ basis)[:, :2]
+        return geometry.pca.project(x)[:, :2]
 
     conditions = labels["conditions"]
     panels = [("no system prompt", states[conditions.index("none")]) if "none" in conditions else None,
@@ -110,7 +111,7 @@ def write_plots(run_dir: Path, out_dir: Path) -> list[Path]:
               ("trained soft prompt", optimized["trained_states"])]
     panels = [p for p in panels if p is not None]
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), sharex=True, sharey=True)
-    arrow = -directions["refusal_weight"][:2]
+    arrow = -geometry.refusal.weight[:2]
     arrow = arrow / (arrow.norm() + 1e-12)
     all_xy = torch.cat([coords(p[1]) for p in panels])
     scale = float(all_xy.abs().max()) * 0.5

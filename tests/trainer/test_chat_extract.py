@@ -13,9 +13,19 @@ from trainer.chat import chat_batch
 from trainer.optimize import soft_prompt_states
 
 
-def test_sentinel_is_one_special_token_and_the_model_is_not_resized(frozen):
+def test_sentinel_is_one_special_token_and_the_model_is_not_resized(frozen, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
     assert frozen.tokenizer.encode(SENTINEL, add_special_tokens=False) == [frozen.sentinel_id]
-    assert frozen.embedding().weight.shape[0] == frozen.model.config.vocab_size
+    # The weights as saved, loaded without the trainer: the trainer's embedding and head are the same
+    # matrices (a resize would add rows, or re-initialise them). config.vocab_size cannot tell: a resize
+    # updates it too.
+    saved = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    for ours, theirs in ((frozen.embedding().weight, saved.get_input_embeddings().weight),
+                         (frozen.model.get_output_embeddings().weight, saved.get_output_embeddings().weight)):
+        assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+    # The sentinel is a new id beyond the embedding matrix: it is only ever overwritten by θ, never embedded.
+    assert frozen.sentinel_id >= saved.get_input_embeddings().weight.shape[0]
 
 
 @pytest.mark.parametrize("name", sorted(HUMAN_PROMPTS))
