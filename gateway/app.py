@@ -22,6 +22,7 @@ from gateway.completions import ROUTE, create_chat_completion
 from gateway.errors import install_error_handlers
 from gateway.service import Service, build_service, get_service
 from gateway.settings import Settings
+from safeprompt.prompts import VARIANT_SEPARATOR
 
 ServiceDependency = Annotated[Service, Depends(get_service)]
 
@@ -59,7 +60,7 @@ async def list_models(service: ServiceDependency) -> JSONResponse:
     data = []
     for model in service.models.values():
         for model_id in model.model_ids():
-            variant = model_id.partition("@")[2] or None
+            variant = model_id.partition(VARIANT_SEPARATOR)[2] or None
             data.append(
                 {
                     "id": model_id,

@@ -21,7 +21,7 @@ from pydantic_settings import (
 )
 
 from safeprompt.judge import DEFAULT_JUDGE
-from safeprompt.prompts import HUMAN_PROMPTS
+from safeprompt.prompts import HUMAN_PROMPTS, VARIANT_SEPARATOR
 
 RESERVED_VARIANTS = ("none", *HUMAN_PROMPTS)
 
@@ -55,14 +55,14 @@ class ModelConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        if not value or "@" in value:
-            raise ValueError("model name must be non-empty and must not contain '@'")
+        if not value or VARIANT_SEPARATOR in value:
+            raise ValueError(f"model name must be non-empty and must not contain {VARIANT_SEPARATOR!r}")
         return value
 
     @model_validator(mode="after")
     def _check_variants(self) -> ModelConfig:
         for name in self.artifacts:
-            if name in RESERVED_VARIANTS or "@" in name or not name:
+            if name in RESERVED_VARIANTS or VARIANT_SEPARATOR in name or not name:
                 raise ValueError(f"artifact variant name {name!r} is reserved or invalid")
         for name in self.allow_forced_artifacts:
             if name not in self.artifacts:

@@ -7,7 +7,6 @@ each stage resumes from its outputs. Knows nothing about what the stages compute
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from safeprompt.files import atomic_write
+from safeprompt.files import atomic_write, sha256_text
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -38,7 +37,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def fingerprint(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_text(json.dumps(data, sort_keys=True, default=str))
 
 
 def stage_done(run_dir: Path, stage: str, key: Any) -> bool:
