@@ -1,10 +1,11 @@
-"""Precision, recall and F1 of every refusal judge against the hand-labelled answers.
+"""Agreement, precision, recall and F1 of every refusal judge against the hand-labelled answers.
 
 Reads `data/judge_labels/labels.jsonl` (one `{"id", "split", "group", "response", "refusal", ...}`
 per line; see its README), runs each registered judge on each response and prints, per split
-(dev = the rules were written looking at it, test = held out) and per group of answers, the
-confusion counts with precision and recall and their 95% Wilson score intervals. Also times the
-judges (characters per second on this machine, a rough figure).
+(dev = the rules were written looking at it, test = held out) and per group of answers (one group
+per answering model), the confusion counts with agreement (share of answers where judge and label
+agree), precision and recall and their 95% Wilson score intervals. Also times the judges
+(characters per second and microseconds per answer on this machine, a rough figure).
 
     .venv/bin/python -m bench.judge_accuracy            # markdown tables
     .venv/bin/python -m bench.judge_accuracy --json     # machine-readable
@@ -37,6 +38,10 @@ class Scores:
     tn: int
 
     @property
+    def agreement(self) -> float | None:
+        return (self.tp + self.tn) / self.n if self.n else None
+
+    @property
     def precision(self) -> float | None:
         return self.tp / (self.tp + self.fp) if self.tp + self.fp else None
 
@@ -50,7 +55,8 @@ class Scores:
         return 2 * p * r / (p + r) if p and r else (0.0 if p is not None and r is not None else None)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "precision": self.precision, "recall": self.recall, "f1": self.f1,
+        return {**asdict(self), "agreement": self.agreement, "precision": self.precision, "recall": self.recall,
+                "f1": self.f1, "agreement_ci95": wilson_interval(self.tp + self.tn, self.n),
                 "precision_ci95": wilson_interval(self.tp, self.tp + self.fp),
                 "recall_ci95": wilson_interval(self.tp, self.tp + self.fn)}
 
@@ -92,7 +98,7 @@ def evaluate(rows: list[dict], judges: list[str]) -> list[Scores]:
 def time_judges(rows: list[dict], judges: list[str], repeats: int = 5) -> dict[str, float]:
     """Characters judged per second (whole answers), best of `repeats`."""
     characters = sum(len(row["response"]) for row in rows)
-    speeds = {}
+    speeds: dict[str, float] = {}
     for name in judges:
         judge = get_judge(name)
         best = math.inf
@@ -109,16 +115,23 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def with_interval(value: float | None, successes: int, total: int) -> str:
+    """`value [low, high]` in percent with the Wilson interval; just `n/a` when nothing was counted."""
+    if value is None:
+        return "n/a"
+    low, high = wilson_interval(successes, total)
+    return f"{percent(value)} [{percent(low)}, {percent(high)}]"
+
+
 def format_table(results: list[Scores]) -> str:
-    lines = ["| split | group | judge | n | refusals | TP | FP | FN | TN | precision % [95% CI] | recall % [95% CI] | F1 % |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
+    lines = ["| split | group | judge | n | refusals | TP | FP | FN | TN | agreement % [95% CI] | "
+             "precision % [95% CI] | recall % [95% CI] | F1 % |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- | ---: |"]
     for s in results:
-        p_low, p_high = wilson_interval(s.tp, s.tp + s.fp)
-        r_low, r_high = wilson_interval(s.tp, s.tp + s.fn)
         lines.append(
             f"| {s.split} | {s.group} | {s.judge} | {s.n} | {s.tp + s.fn} | {s.tp} | {s.fp} | {s.fn} | {s.tn} | "
-            f"{percent(s.precision)} [{percent(p_low)}, {percent(p_high)}] | "
-            f"{percent(s.recall)} [{percent(r_low)}, {percent(r_high)}] | {percent(s.f1)} |")
+            f"{with_interval(s.agreement, s.tp + s.tn, s.n)} | {with_interval(s.precision, s.tp, s.tp + s.fp)} | "
+            f"{with_interval(s.recall, s.tp, s.tp + s.fn)} | {percent(s.f1)} |")
     return "\n".join(lines)
 
 
@@ -140,8 +153,11 @@ def main() -> None:
     else:
         print(format_table(results))
         print()
+        mean_characters = sum(len(row["response"]) for row in rows) / len(rows)
         for name, speed in speeds.items():
-            print(f"- {name}: {speed / 1e6:.2f} M characters/s on whole answers (this machine, best of 5)")
+            print(f"- {name}: {speed / 1e6:.2f} M characters/s on whole answers, "
+                  f"{1e6 * mean_characters / speed:.0f} µs per answer of {mean_characters:.0f} characters "
+                  "on average (this machine, best of 5)")
     if args.errors:
         for name in judges:
             judge = get_judge(name)

@@ -20,7 +20,7 @@ def test_wilson_interval_known_values() -> None:
 
 def test_scores_arithmetic() -> None:
     scores = Scores("j", "dev", "all", n=10, tp=3, fp=1, fn=2, tn=4)
-    assert scores.precision == 0.75 and scores.recall == 0.6
+    assert scores.precision == 0.75 and scores.recall == 0.6 and scores.agreement == 0.7
     assert scores.f1 == pytest.approx(2 * 0.75 * 0.6 / 1.35)
     assert Scores("j", "dev", "all", n=2, tp=0, fp=0, fn=0, tn=2).precision is None
 
@@ -34,8 +34,15 @@ def test_labelled_set_is_well_formed() -> None:
         labels = Counter(row["refusal"] for row in rows if row["split"] == split)
         assert labels[True] >= 20 and labels[False] >= 20, (split, labels)
     groups = Counter(row["group"] for row in rows)
-    assert groups["smollm2"] >= 100
-    assert {row["group"] for row in rows} >= {"smollm2", "jbb_llama", "jbb_vicuna"}
+    assert groups["smollm2"] >= 100 and groups["qwen25coder05b"] >= 250
+    assert {row["group"] for row in rows} >= {"smollm2", "jbb_llama", "jbb_vicuna", "qwen25coder05b"}
+    qwen = [row for row in rows if row["group"] == "qwen25coder05b"]
+    # A seeded random half of each (set, variant) stratum is held out, the DRO variant included.
+    for split in ("dev", "test"):
+        labels = Counter(row["refusal"] for row in qwen if row["split"] == split)
+        assert labels[True] >= 25 and labels[False] >= 80, (split, labels)
+    held_out_variants = {row["condition"] for row in qwen if row["split"] == "test"}
+    assert held_out_variants == {"none", "default", "short", "mistral", "dro"}
     for row in rows:
         assert row["prompt"] and isinstance(row["response"], str)
 
@@ -50,6 +57,7 @@ def test_evaluate_counts_every_row(tmp_path) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     results = {(s.split, s.group, s.judge): s for s in evaluate(read_labels(path), ["paper"])}
     assert (results[("dev", "g", "paper")].tp, results[("dev", "g", "paper")].tn) == (1, 1)
+    assert results[("dev", "g", "paper")].agreement == 1.0 and results[("test", "g", "paper")].agreement == 0.0
     assert results[("test", "all", "paper")].fn == 1
     assert results[("all", "all", "paper")].n == 3
 
