@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import httpx
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.completions import ROUTE, create_chat_completion
@@ -55,12 +55,16 @@ def create_app() -> FastAPI:
     return build_app(Settings())
 
 
-async def list_models(service: ServiceDependency) -> JSONResponse:
-    """Every model-variant pair as its own id, plus each bare model name (its default variant)."""
+async def list_models(request: Request, service: ServiceDependency) -> JSONResponse:
+    """Every model-variant pair as its own id, plus each bare model name (its default variant); with
+    API keys configured, only those the caller's key may use (401 without a valid key)."""
+    key = service.keys.authenticate(request.headers.get("authorization"))
     data = []
     for model in service.models.values():
         for model_id in model.model_ids():
             variant = model_id.partition(VARIANT_SEPARATOR)[2] or None
+            if key is not None and not key.may_use(model.name, variant or model.default_variant):
+                continue
             data.append(
                 {
                     "id": model_id,

@@ -1,6 +1,7 @@
 """`POST /v1/chat/completions`: read and check the request, apply the safety prompt, answer.
 
-The route reads the body into one `ChatCompletionRequest`, resolves the model's variant, builds the
+The route checks the caller's API key (`gateway.auth`, before reading the body), reads the body into
+one `ChatCompletionRequest`, resolves the model's variant (and checks the key may use it), builds the
 upstream body from it (`gateway.safety.build_upstream_body`) and either relays a whole answer or
 hands the stream to `gateway.relay`. Every exception, expected or not, becomes the client's error
 through `gateway.errors.to_gateway_error`, with the request id and variant headers. `Accounting`
@@ -17,10 +18,11 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from gateway.accounting import Accounting
 from gateway.errors import InvalidRequest, PayloadTooLarge, error_response, to_gateway_error
+from gateway.limits import check_body_shape, check_generation_budget
 from gateway.protocol import ChatCompletionRequest
 from gateway.relay import stream_response
 from gateway.safety import build_upstream_body, check_client_input
@@ -65,8 +67,7 @@ def check_and_resolve(
 ) -> tuple[ServedModel, Variant]:
     """Refuse what this deployment does not accept (400), then resolve the variant (404 if unknown)."""
     check_client_input(request)
-    if request.n > settings.max_n:
-        raise InvalidRequest(f"n must be at most {settings.max_n}", param="n")
+    check_generation_budget(request, max_n=settings.max_n, max_generated_tokens=settings.max_generated_tokens)
     if request.seed is not None and settings.seed_policy == "reject":
         raise InvalidRequest("per-request seed is disabled on this deployment (seed_policy=reject)", param="seed")
     return resolve_variant(models, request.model, request_id=request_id, user=request.user)
@@ -77,16 +78,21 @@ async def create_chat_completion(request: Request, service: Annotated[Service, D
     request_id = accounting.record.request_id
     streaming = False
     try:
-        chat = ChatCompletionRequest.model_validate(await read_json_body(request, service.settings.max_request_bytes))
+        key = service.keys.authenticate(request.headers.get("authorization"))
+        settings = service.settings
+        raw = await read_json_body(request, settings.max_request_bytes)
+        check_body_shape(raw, max_depth=settings.max_json_depth, max_messages=settings.max_messages)
+        chat = ChatCompletionRequest.model_validate(raw)
         accounting.parsed(chat)
-        model, variant = check_and_resolve(chat, service.settings, service.models, request_id)
+        model, variant = check_and_resolve(chat, settings, service.models, request_id)
+        service.keys.authorize(key, model.name, variant.name)
         accounting.start(chat, model, variant)
-        body = build_upstream_body(chat, model, variant, policy=service.settings.system_message_policy)
+        body = build_upstream_body(chat, model, variant, policy=settings.system_message_policy)
         if chat.stream:
             response = await open_stream(service.pool, chat, body, accounting)
             streaming = True  # the relay finishes the accounting when the stream ends
             return response
-        return await complete(service.pool, chat, body, accounting)
+        return await complete(service.pool, chat, body, accounting, max_bytes=settings.max_response_bytes)
     except Exception as exc:
         error = to_gateway_error(exc)
         accounting.fail(error)
@@ -97,13 +103,19 @@ async def create_chat_completion(request: Request, service: Annotated[Service, D
 
 
 async def complete(
-    pool: UpstreamPool, chat: ChatCompletionRequest, body: dict[str, Any], accounting: Accounting
+    pool: UpstreamPool, chat: ChatCompletionRequest, body: dict[str, Any], accounting: Accounting, *, max_bytes: int
 ) -> Response:
-    """A whole answer: judged per choice, `model` set to the id the client asked for."""
+    """A whole answer of at most `max_bytes`: judged per choice, `model` set to the id the client
+    asked for, serialised with orjson (the standard library blocks the event loop for seconds on
+    answers of tens of MiB)."""
     async with pool.open(ROUTE, body, {"X-Request-Id": accounting.record.request_id}) as upstream:
-        payload = await upstream.read_json()
+        payload = await upstream.read_json(max_bytes=max_bytes)
     accounting.answer(payload, upstream_s=upstream.waited_s)
-    return JSONResponse({**payload, "model": chat.model}, headers=accounting.response_headers)
+    return Response(
+        orjson.dumps({**payload, "model": chat.model}),
+        media_type="application/json",
+        headers=accounting.response_headers,
+    )
 
 
 async def open_stream(

@@ -54,6 +54,25 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
+class Unauthorized(GatewayError):
+    """No API key, or one the gateway does not know (401)."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+    kind = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(GatewayError):
+    """A known API key asked for a model or variant it is not granted (403)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "model_not_granted"
+    kind = "forbidden"
+
+
 class ModelNotFound(GatewayError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -97,6 +116,13 @@ class UpstreamFailed(GatewayError):
     status_code = 502
     error_type = "upstream_error"
     kind = "upstream_5xx"
+
+
+class UpstreamResponseTooLarge(UpstreamFailed):
+    """vLLM's whole answer exceeds `max_response_bytes`: a limit of the gateway, not a vLLM fault."""
+
+    code = "response_too_large"
+    kind = "response_too_large"
 
 
 class UpstreamUnavailable(GatewayError):

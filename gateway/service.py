@@ -1,7 +1,7 @@
 """The gateway's service object: everything a route needs, built once by the app factory.
 
-`Service` holds the settings, the served models with their variants, the refusal judge, the
-Prometheus metrics and the upstream pool. `build_service(settings)` loads and validates every
+`Service` holds the settings, the served models with their variants, the client API keys, the
+refusal judge, the Prometheus metrics and the upstream pool. `build_service(settings)` loads and validates every
 artifact (raising `ArtifactError` on a mismatch) and registers the variants with the metrics; the
 pool's HTTP client is made later, in the app's lifespan (`UpstreamPool.start`). Routes get the
 service through the FastAPI dependency `get_service`. Nothing here is created at import time.
@@ -16,6 +16,7 @@ import httpx
 from fastapi import Request
 
 from gateway.accounting import Accounting
+from gateway.auth import KeyRing
 from gateway.prometheus import GatewayMetrics
 from gateway.settings import Settings
 from gateway.telemetry import RequestRecord
@@ -28,6 +29,7 @@ from safeprompt.judge import Judge, get_judge
 class Service:
     settings: Settings
     models: dict[str, ServedModel]
+    keys: KeyRing
     judge: Judge
     metrics: GatewayMetrics
     pool: UpstreamPool
@@ -45,8 +47,10 @@ def load_models(settings: Settings) -> dict[str, ServedModel]:
 
 
 def check_settings(settings: Settings) -> None:
-    """Everything that can make the gateway refuse to start, without building it: artifacts, judge."""
+    """Everything that can make the gateway refuse to start, without building it: artifacts, judge,
+    API keys."""
     load_models(settings)
+    KeyRing.from_settings(settings)
     get_judge(settings.judge)
 
 
@@ -67,7 +71,14 @@ def build_service(settings: Settings, *, transport: httpx.AsyncBaseTransport | N
         health_interval_s=settings.health_interval_s,
         transport=transport,
     )
-    return Service(settings=settings, models=models, judge=get_judge(settings.judge), metrics=metrics, pool=pool)
+    return Service(
+        settings=settings,
+        models=models,
+        keys=KeyRing.from_settings(settings),
+        judge=get_judge(settings.judge),
+        metrics=metrics,
+        pool=pool,
+    )
 
 
 def get_service(request: Request) -> Service:

@@ -20,6 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from gateway.protocol import FORBIDDEN_FIELDS, ChatCompletionRequest
 from safeprompt.judge import DEFAULT_JUDGE
 from safeprompt.prompts import HUMAN_PROMPTS, VARIANT_SEPARATOR
 
@@ -47,6 +48,10 @@ class ModelConfig(BaseModel):
     # Variant name -> weight; when set, the bare model id splits its traffic between these variants
     # (deterministically per user, else per request id).
     split: dict[str, float] = Field(default_factory=dict)
+    # Unmodelled request fields forwarded to vLLM for this model beyond the default allow-list
+    # (gateway.protocol.FORWARDED_EXTRA_FIELDS), e.g. [logit_bias]. The fields that move or cut the
+    # safety prompt (gateway.protocol.FORBIDDEN_FIELDS) cannot be enabled.
+    allowed_extra_fields: list[str] = Field(default_factory=list)
 
     @property
     def upstream_name(self) -> str:
@@ -77,7 +82,25 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"split weight for {name!r} must be >= 0")
         if self.split and sum(self.split.values()) <= 0:
             raise ValueError("split weights must not all be zero")
+        for name in self.allowed_extra_fields:
+            if name in FORBIDDEN_FIELDS:
+                raise ValueError(f"allowed_extra_fields names {name!r}, which can never be forwarded")
+            if name in ChatCompletionRequest.model_fields:
+                raise ValueError(f"allowed_extra_fields names {name!r}, which the gateway models itself")
         return self
+
+
+class ApiKeyConfig(BaseModel):
+    """One client API key: only its sha256 is configured, never the key itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="who holds the key (for operators; the key itself is never stored)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the key: printf %s KEY | sha256sum")
+    # Grants, each `MODEL`, `MODEL@VARIANT` or with `*` for either part; a bare `MODEL` means
+    # `MODEL@*`. `*` never matches the `none` variant (no safety prompt): it is granted only by
+    # naming it (`MODEL@none` or `*@none`).
+    models: list[str] = Field(default_factory=lambda: ["*"])
 
 
 class Settings(BaseSettings):
@@ -93,6 +116,10 @@ class Settings(BaseSettings):
         description="vLLM OpenAI servers; requests are balanced round-robin over the healthy ones",
     )
     upstream_api_key: SecretStr | None = None
+    # Client API keys (gateway.auth). With none here nor in the file, the gateway is open to every
+    # caller, for every variant (`make serve` on loopback); compose and Kubernetes must set keys.
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    api_keys_file: Path | None = Field(default=None, description="YAML list of api_keys entries, read at startup")
     connect_timeout_s: float = 5.0
     # Longest silence allowed between two bytes from vLLM (a non-streaming answer is one wait).
     read_timeout_s: float = 300.0
@@ -105,6 +132,16 @@ class Settings(BaseSettings):
     judge: str = DEFAULT_JUDGE
     log_prompts: bool = False
     max_request_bytes: int = 4 * 1024 * 1024
+    # Cheap requests must not cost much: messages per request, nesting depth of the JSON body (orjson
+    # refuses to serialise past 255 levels, so deeper bodies could never be forwarded), and the
+    # tokens one request may ask vLLM to generate, n x max_tokens (when max_tokens is unset, vLLM
+    # bounds each choice by the model's context length).
+    max_messages: int = Field(default=2048, ge=1)
+    max_json_depth: int = Field(default=64, ge=8, le=200)
+    max_generated_tokens: int = Field(default=65536, ge=1)
+    # A non-streaming answer larger than this (bytes) is not relayed: 502 (n=16 with top_logprobs=20
+    # makes tens of MiB, all held in memory and re-serialised).
+    max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_n: int = 16
     # Per-request `seed`: safe with the project's vLLM command (chunked prefill off); set to
     # "reject" when the upstream is a vLLM CPU build with chunked prefill on (it crashes on seeds).

@@ -15,6 +15,8 @@ from safeprompt.judge import Verdict
 # Bounded label values for `error_kind` (never free text: these become Prometheus labels).
 ERROR_KINDS = (
     "invalid_request",  # 400 from the gateway's own validation
+    "unauthorized",  # 401: no API key or an unknown one
+    "forbidden",  # 403: the key is not granted the model or variant
     "model_not_found",  # 404
     "upstream_4xx",  # vLLM rejected the request (passed through)
     "upstream_5xx",  # vLLM failed
@@ -22,6 +24,7 @@ ERROR_KINDS = (
     "upstream_timeout",  # 504
     "upstream_disconnect",  # upstream dropped mid-stream
     "client_disconnect",  # client went away before the answer ended
+    "response_too_large",  # vLLM's whole answer exceeded max_response_bytes (502)
     "internal",  # a bug in the gateway (500, logged with traceback server-side only)
 )
 

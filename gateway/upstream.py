@@ -24,6 +24,7 @@ from gateway.errors import (
     UpstreamDisconnected,
     UpstreamFailed,
     UpstreamRejected,
+    UpstreamResponseTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -82,6 +83,13 @@ def _reading(*, timeout_message: str, dropped_message: str) -> Iterator[None]:
         raise UpstreamDisconnected(dropped_message) from None
 
 
+def _too_large(max_bytes: int) -> str:
+    return (
+        f"the answer is larger than this gateway relays ({max_bytes} bytes); ask for fewer choices, "
+        "tokens or logprobs, or stream it"
+    )
+
+
 class UpstreamResponse:
     """An upstream answer whose headers arrived (status < 400) and whose body is still unread.
 
@@ -92,19 +100,31 @@ class UpstreamResponse:
         self._response = response
         self.waited_s = waited_s
 
-    async def read_json(self) -> dict[str, Any]:
-        """The whole answer as a JSON object (a non-streaming completion)."""
+    async def read_json(self, *, max_bytes: int) -> dict[str, Any]:
+        """The whole answer as a JSON object (a non-streaming completion).
+
+        An answer larger than `max_bytes` raises UpstreamResponseTooLarge as soon as it is known to
+        be (its declared length, or the bytes read so far): it is never held whole in memory."""
+        declared = self._response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise UpstreamResponseTooLarge(_too_large(max_bytes))
         started = time.perf_counter()
+        chunks: list[bytes] = []
+        size = 0
         try:
             with _reading(
                 timeout_message="vLLM did not finish the answer in time",
                 dropped_message="vLLM closed the connection before the answer was complete",
             ):
-                body = await self._response.aread()
+                async for chunk in self._response.aiter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise UpstreamResponseTooLarge(_too_large(max_bytes))
+                    chunks.append(chunk)
         finally:
             self.waited_s += time.perf_counter() - started
         try:
-            payload = orjson.loads(body)
+            payload = orjson.loads(b"".join(chunks))
         except orjson.JSONDecodeError:
             raise UpstreamDisconnected("vLLM closed the connection before the answer was complete") from None
         if not isinstance(payload, dict):

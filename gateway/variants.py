@@ -42,6 +42,8 @@ class ServedModel:
     default_variant: str
     variants: dict[str, Variant]
     split: dict[str, float] = field(default_factory=dict)
+    # Unmodelled request fields forwarded for this model beyond the protocol's default allow-list.
+    allowed_extra_fields: frozenset[str] = frozenset()
 
     def model_ids(self) -> list[str]:
         return [self.name, *(f"{self.name}{SEPARATOR}{name}" for name in self.variants)]
@@ -87,6 +89,7 @@ def load_model(config: ModelConfig) -> ServedModel:
         default_variant=config.default_variant,
         variants=variants,
         split=dict(config.split),
+        allowed_extra_fields=frozenset(config.allowed_extra_fields),
     )
 
 

@@ -127,7 +127,9 @@ def test_dashboards_against_real_prometheus(gateway_factory, vllm_server, promet
     artifact = write_soft_prompt_artifact(vllm_server.model_dir, tmp_path / "dro")
     model = {"name": "tiny", "upstream_model": vllm_server.served_name, "model_path": str(vllm_server.model_dir),
              "default_variant": "default", "artifacts": {"dro": str(artifact)},
-             "split": {"default": 0.5, "dro": 0.5}}
+             "split": {"default": 0.5, "dro": 0.5},
+             # The forced answers need logit_bias, which the gateway refuses unless a model allows it.
+             "allowed_extra_fields": ["logit_bias"]}
     gateway = gateway_factory(models=[model], judge=judge_name)
     prometheus = prometheus_factory(gateway=f"127.0.0.1:{gateway.port}", vllm=f"127.0.0.1:{vllm_server.port}")
     prometheus.wait_until(lambda: prometheus.targets_up() == {"gateway": True, "vllm": True}, 60,
@@ -150,7 +152,7 @@ def test_dashboards_against_real_prometheus(gateway_factory, vllm_server, promet
         traffic.client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError):  # vLLM refuses max_tokens beyond its context
         traffic.client.chat.completions.create(model="tiny@default", messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=1_000_000)
+                                               max_tokens=50_000)
 
     client.close()
     refusals = traffic.refusals_by_variant()

@@ -4,85 +4,22 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import build_app
 from gateway.service import Service
-from gateway.settings import ModelConfig, Settings
-
-UPSTREAM = "http://vllm.test"
-ROUTE = "/v1/chat/completions"
-Handler = Callable[[httpx.Request], httpx.Response]
-
-
-def answer(text: str) -> dict:
-    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "tiny-llama",
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-            "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}}
-
-
-def chunk(text: str | None, usage: dict | None = None) -> bytes:
-    body: dict = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "tiny-llama",
-                  "choices": [] if text is None else [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
-    if usage:
-        body["usage"] = usage
-    return b"data: " + orjson.dumps(body) + b"\n\n"
-
-
-def sse(parts: list[bytes], fail: Exception | None = None) -> httpx.Response:
-    async def body() -> AsyncIterator[bytes]:
-        for part in parts:
-            yield part
-        if fail is not None:
-            raise fail
-    return httpx.Response(200, content=body(), headers={"Content-Type": "text/event-stream"})
-
-
-class Upstream:
-    """The mock vLLM: answers /health, records every chat body it gets, answers with `chat`."""
-
-    def __init__(self, chat: Handler) -> None:
-        self.chat = chat
-        self.bodies: list[dict] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/health":
-            return httpx.Response(200)
-        self.bodies.append(orjson.loads(request.content))
-        return self.chat(request)
+from tests.gateway.mock_vllm import ROUTE, Handler, Upstream, answer, chunk, events, post, sample, sse, start_gateway
 
 
 @pytest.fixture
 def serve() -> Iterator[Callable[[Handler], tuple[TestClient, Service, Upstream]]]:
     """`serve(chat)` starts the gateway (lifespan included) in front of a mock vLLM answering `chat`."""
     with contextlib.ExitStack() as running:
-        def start(chat: Handler) -> tuple[TestClient, Service, Upstream]:
-            upstream = Upstream(chat)
-            settings = Settings(upstream_urls=[UPSTREAM], judge="paper", models=[
-                ModelConfig(name="tiny", upstream_model="tiny-llama", default_variant="short")])
-            app = build_app(settings, transport=httpx.MockTransport(upstream))
-            client = running.enter_context(TestClient(app))
-            return client, app.state.service, upstream
-
-        yield start
-
-
-def sample(service: Service, name: str, **labels: str) -> float | None:
-    return service.metrics.registry.get_sample_value(name, {"model": "tiny", "variant": "short", **labels})
-
-
-def post(client: TestClient, **fields) -> httpx.Response:
-    return client.post(ROUTE, json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields},
-                       headers={"X-Request-Id": "req-1"})
-
-
-def events(response: httpx.Response) -> list[str]:
-    return [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        yield lambda chat: start_gateway(running, chat)
 
 
 def test_answer_carries_the_asked_model_and_the_variant(serve) -> None:

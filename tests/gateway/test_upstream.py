@@ -38,7 +38,7 @@ def _run(pool: UpstreamPool, read: Callable[..., object]) -> object:
 
 
 async def _json(upstream) -> dict:
-    return await upstream.read_json()
+    return await upstream.read_json(max_bytes=1 << 20)
 
 
 async def _events(upstream) -> list[dict]:

@@ -6,6 +6,7 @@ writes a metric writes it to a file named after its pid (`counter_<pid>.db`, ...
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from pathlib import Path
 
 import httpx
@@ -28,9 +29,14 @@ def test_two_workers_count_every_request_once(gateway_factory, tmp_path: Path) -
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
     served = gateway_factory(workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
-    workers = children_of(served.process.pid)
-    # Each worker built the app (and wrote its artifact info); the supervisor built none.
+    # Each worker builds the app (and writes its artifact info); the supervisor builds none. Readiness
+    # means one worker answers: the other may still be building, so wait (bounded) for both.
+    deadline = time.monotonic() + 60
     builders = writer_pids(metrics_dir, "gauge_livemax_*.db")
+    while len(builders) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        builders = writer_pids(metrics_dir, "gauge_livemax_*.db")
+    workers = children_of(served.process.pid)
     assert len(builders) == 2 and builders <= workers and served.process.pid not in builders
 
     url = f"{served.base_url}/v1/chat/completions"
