@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from safeprompt.files import sha256_file
-from safeprompt.judge import get_judge
+from safeprompt.judge import get_judge, judge_revision
 from trainer import store
 from trainer.balance import check_balance, measure_balance
 from trainer.config import RunConfig
@@ -55,7 +55,9 @@ def stage_keys(config: RunConfig) -> dict[str, dict]:
     """What each stage's outputs depend on (upstream keys included)."""
     data = {"data": config.data.model_dump(mode="json"), "model": model_key(config)}
     label = {**data, "label": config.label.model_dump(mode="json", exclude={"vllm_url", "concurrency",
-                                                                           "request_timeout_s"})}
+                                                                           "request_timeout_s"}),
+             # The judge's rules, not only its name: a newer revision labels again.
+             "judge_revision": judge_revision(config.label.judge)}
     extract = {**data, "extract": config.extract.model_dump(mode="json"), "conditions": list(config.label.conditions)}
     fit = {"label": label, "extract": extract, "fit": config.fit.model_dump(mode="json")}
     optimize = {"fit": fit, "optimize": config.optimize.model_dump(mode="json")}

@@ -17,8 +17,11 @@ implies `judge(t) == judge(t + s)`; the tests check this property for every regi
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from pathlib import Path
 
+from safeprompt.files import sha256_text
 from safeprompt.judge.base import Judge, Verdict
 from safeprompt.judge.paper import (
     INLINE_LIST,
@@ -35,6 +38,16 @@ from safeprompt.judge.stream import StreamVerdict
 # Registry of judge factories by name.
 JUDGES: dict[str, Callable[[], Judge]] = {"paper": PaperMatcher, "phrases": PhraseJudge}
 DEFAULT_JUDGE = "phrases"
+
+
+def judge_revision(name: str) -> str:
+    """A digest of the source of the module that defines judge `name`: it changes whenever its rules do.
+
+    The trainer puts it into the label stage's fingerprint, so labels judged by an older revision of a
+    judge are judged again rather than reused under the same name.
+    """
+    source = Path(inspect.getfile(type(get_judge(name)))).read_text(encoding="utf-8")
+    return sha256_text(source)[:16]
 
 
 def get_judge(name: str) -> Judge:
@@ -59,6 +72,7 @@ __all__ = [
     "StreamVerdict",
     "Verdict",
     "get_judge",
+    "judge_revision",
     "match_refusal",
     "opening_window",
 ]

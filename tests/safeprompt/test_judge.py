@@ -3,7 +3,9 @@ that streamed verdicts equal whole-text verdicts and that a closed window is fin
 
 from __future__ import annotations
 
+import inspect
 import random
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,7 @@ from safeprompt.judge import (
     StreamVerdict,
     Verdict,
     get_judge,
+    judge_revision,
     match_refusal,
     opening_window,
 )
@@ -316,3 +319,13 @@ def test_stream_stops_buffering_once_closed() -> None:
     stream.feed("In general terms, here is more." * 100)
     assert stream.text == "I cannot help.\nReally.\n"
     assert stream.verdict() == PAPER.judge("I cannot help.\nReally.\nIn general terms.")
+
+
+def test_judge_revision_follows_the_judges_source(tmp_path, monkeypatch) -> None:
+    assert judge_revision("phrases") == judge_revision("phrases") != judge_revision("paper")
+    source = Path(inspect.getfile(PhraseJudge)).read_text()
+    edited = tmp_path / "phrases.py"
+    edited.write_text(source.replace("HEAD_CHARS = 400", "HEAD_CHARS = 401"))
+    before = judge_revision("phrases")
+    monkeypatch.setattr(inspect, "getfile", lambda obj: str(edited))
+    assert judge_revision("phrases") != before

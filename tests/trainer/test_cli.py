@@ -148,3 +148,17 @@ def test_import_released_wraps_a_bf16_file(tiny_model_dir, tmp_path, capsys):
     assert main(["import-released", "--file", str(wrong), "--model-dir", str(tiny_model_dir),
                  "--out", str(tmp_path / "bad")]) == 2
     assert "hidden size" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_new_judge_revision_labels_again(trained_run, monkeypatch):
+    """Labels judged by an older revision of the judge's rules are not reused under the same name."""
+    from trainer import pipeline
+    from trainer.__main__ import build_config, parse_args
+
+    _, _, args = trained_run
+    config = build_config(parse_args(args))
+    before = pipeline.stage_keys(config)
+    monkeypatch.setattr(pipeline, "judge_revision", lambda name: "a-newer-revision")
+    after = pipeline.stage_keys(config)
+    assert before["label"] != after["label"] and before["optimize"] != after["optimize"]
+    assert before["extract"] == after["extract"]
