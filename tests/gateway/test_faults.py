@@ -22,7 +22,9 @@ BEHAVIOURS = ["ok", "hang", "boom", "picky", "drop", "stall"]
 @pytest.fixture(scope="module")
 def gateway_url():
     upstream_port, gateway_port = free_port(), free_port()
-    settings = Settings(upstream_urls=[f"http://127.0.0.1:{upstream_port}"], read_timeout_s=1.0,
+    # The read timeout separates "stall" (silent for 30 s) from "drop" (the connection closes at once); 3 s,
+    # not 1 s, so that a drop seen late on 2 busy cores (a vLLM server of another test) is not read as a stall.
+    settings = Settings(upstream_urls=[f"http://127.0.0.1:{upstream_port}"], read_timeout_s=3.0,
                         models=[ModelConfig(name=name, default_variant="none") for name in BEHAVIOURS])
     with ThreadedServer(fault_app(), upstream_port), ThreadedServer(build_app(settings), gateway_port):
         yield f"http://127.0.0.1:{gateway_port}"
