@@ -1,8 +1,9 @@
 """Relaying a vLLM stream to the client: the streaming half of `POST /v1/chat/completions`.
 
-Three parts, each with one job: the upstream's events arrive parsed (`UpstreamResponse.events`),
+Three parts, each with one job: the upstream's events arrive parsed (`UpstreamResponse.event_batches`),
 `rewrite_chunk` is the pure rewrite of one chunk into what the client receives, and `Accounting`
-records usage, time to first token and verdicts. `relay` joins them: it forwards every chunk,
+records usage, time to first token and verdicts. `relay` joins them: it forwards every chunk (the
+chunks that arrived in one read from vLLM go out in one write to the client),
 ends with `data: [DONE]`, or, when anything fails mid-stream, with one error event then `[DONE]`,
 and closes the upstream (which makes vLLM abort the generation) and finishes the accounting
 exactly once, however the stream ended.
@@ -50,12 +51,16 @@ async def relay(
 ) -> AsyncIterator[bytes]:
     """The SSE body sent to the client for one upstream stream."""
     try:
-        async with contextlib.aclosing(upstream.events()) as events:
-            async for chunk in events:
-                accounting.chunk(chunk)
-                rewritten = rewrite_chunk(chunk, model_id=model_id, include_usage=include_usage)
-                if rewritten is not None:
-                    yield encode_event(rewritten)
+        async with contextlib.aclosing(upstream.event_batches()) as batches:
+            async for batch in batches:
+                parts = []
+                for chunk in batch:
+                    accounting.chunk(chunk)
+                    rewritten = rewrite_chunk(chunk, model_id=model_id, include_usage=include_usage)
+                    if rewritten is not None:
+                        parts.append(encode_event(rewritten))
+                if parts:
+                    yield b"".join(parts)
         yield DONE_EVENT
     except (asyncio.CancelledError, GeneratorExit):
         accounting.client_disconnected()

@@ -81,8 +81,11 @@ def build_service(settings: Settings, *, transport: httpx.AsyncBaseTransport | N
     )
 
 
-def get_service(request: Request) -> Service:
-    """FastAPI dependency: the service of the app that received `request`."""
+async def get_service(request: Request) -> Service:
+    """FastAPI dependency: the service of the app that received `request`.
+
+    `async` on purpose: FastAPI runs a plain `def` dependency in a worker thread, a hop that cost
+    ~20% of the gateway's CPU per request in the profile (docs/performance.md)."""
     service = request.app.state.service
     if not isinstance(service, Service):
         raise RuntimeError("the app was not built by gateway.app.build_app")

@@ -28,7 +28,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.sse import IncompleteStream, read_events
+from gateway.sse import EventParser, IncompleteStream
 
 logger = logging.getLogger("gateway.upstream")
 
@@ -131,34 +131,34 @@ class UpstreamResponse:
             raise UpstreamFailed("vLLM answered something other than a JSON object")
         return payload
 
-    async def events(self) -> AsyncGenerator[dict[str, Any], None]:
-        """The answer's SSE events (a streaming completion) up to `[DONE]`, which is not yielded.
+    async def event_batches(self) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """The answer's SSE events (a streaming completion) up to `[DONE]`, which is not yielded:
+        one list per network read, so that what arrived together is relayed together.
 
         A stream that stops early or carries an unreadable event raises UpstreamDisconnected, a
         silence longer than the read timeout UpstreamTimeout.
         """
+        parser = EventParser()
+        reads = self._response.aiter_bytes()
         try:
-            async with contextlib.aclosing(read_events(self._lines())) as events:
-                async for event in events:
-                    yield event
+            while not parser.done:
+                started = time.perf_counter()
+                try:
+                    with _reading(
+                        timeout_message="vLLM stopped sending in the middle of the answer",
+                        dropped_message="vLLM dropped the connection in the middle of the answer",
+                    ):
+                        data = await anext(reads)
+                except StopAsyncIteration:
+                    events = parser.close()
+                else:
+                    events = parser.feed(data)
+                finally:
+                    self.waited_s += time.perf_counter() - started
+                if events:
+                    yield events
         except IncompleteStream:
             raise UpstreamDisconnected("vLLM ended the stream before it was complete") from None
-
-    async def _lines(self) -> AsyncIterator[str]:
-        lines = self._response.aiter_lines()
-        while True:
-            started = time.perf_counter()
-            try:
-                with _reading(
-                    timeout_message="vLLM stopped sending in the middle of the answer",
-                    dropped_message="vLLM dropped the connection in the middle of the answer",
-                ):
-                    line = await anext(lines)
-            except StopAsyncIteration:
-                return
-            finally:
-                self.waited_s += time.perf_counter() - started
-            yield line
 
 
 class UpstreamPool:

@@ -42,7 +42,7 @@ async def _json(upstream) -> dict:
 
 
 async def _events(upstream) -> list[dict]:
-    return [event async for event in upstream.events()]
+    return [event async for batch in upstream.event_batches() for event in batch]
 
 
 def _stream(*parts: bytes, fail: Exception | None = None) -> httpx.Response:
