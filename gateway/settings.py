@@ -52,6 +52,11 @@ class ModelConfig(BaseModel):
     # (gateway.protocol.FORWARDED_EXTRA_FIELDS), e.g. [logit_bias]. The fields that move or cut the
     # safety prompt (gateway.protocol.FORBIDDEN_FIELDS) cannot be enabled.
     allowed_extra_fields: list[str] = Field(default_factory=list)
+    # The dtype soft prompts are sent in: the one vLLM computes in, which it casts prompt_embeds
+    # to anyway, so the same tensor arrives in half the bytes of a float32 artifact. "auto": the
+    # model_path checkpoint's dtype when it is bfloat16 or float16 (what vLLM's --dtype auto
+    # serves), else the artifact's own. Set it to vLLM's --dtype when that is given explicitly.
+    embeds_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     @property
     def upstream_name(self) -> str:

@@ -16,7 +16,14 @@ from typing import Literal
 
 from gateway.errors import ModelNotFound
 from gateway.settings import ModelConfig
-from safeprompt.artifact import ArtifactError, Manifest, check_artifact_fits, load_artifact, read_model_info
+from safeprompt.artifact import (
+    ArtifactError,
+    Manifest,
+    ModelInfo,
+    check_artifact_fits,
+    load_artifact,
+    read_model_info,
+)
 from safeprompt.embeds import encode_prompt_embeds
 from safeprompt.prompts import HUMAN_PROMPTS, VARIANT_SEPARATOR
 
@@ -59,6 +66,7 @@ def load_model(config: ModelConfig) -> ServedModel:
     for name, text in HUMAN_PROMPTS.items():
         variants[name] = Variant(name=name, kind="text", text=text)
     model_info = read_model_info(config.model_path, name=config.name) if config.model_path else None
+    serving_dtype = serving_dtype_of(config, model_info)
     for name, path in config.artifacts.items():
         artifact = load_artifact(path)
         if model_info is not None:
@@ -79,7 +87,7 @@ def load_model(config: ModelConfig) -> ServedModel:
         variants[name] = Variant(
             name=name,
             kind="soft",
-            encoded_embeds=encode_prompt_embeds(artifact.soft_prompt),
+            encoded_embeds=encode_prompt_embeds(artifact.soft_prompt, serving_dtype),
             num_virtual_tokens=artifact.manifest.num_virtual_tokens,
             manifest=artifact.manifest,
         )
@@ -91,6 +99,15 @@ def load_model(config: ModelConfig) -> ServedModel:
         split=dict(config.split),
         allowed_extra_fields=frozenset(config.allowed_extra_fields),
     )
+
+
+def serving_dtype_of(config: ModelConfig, model_info: ModelInfo | None) -> str | None:
+    """The dtype vLLM computes this model in, when the gateway knows it (see ModelConfig.embeds_dtype)."""
+    if config.embeds_dtype != "auto":
+        return config.embeds_dtype
+    if model_info is not None and model_info.dtype in ("bfloat16", "float16"):
+        return model_info.dtype
+    return None
 
 
 def split_choice(weights: dict[str, float], key: str) -> str:

@@ -77,6 +77,9 @@ class ModelInfo(BaseModel):
     name: str
     hidden_size: int
     chat_template_sha256: str | None
+    # The checkpoint's dtype (config.json `dtype`, or `torch_dtype` before transformers 5): what
+    # vLLM's `--dtype auto` computes in when it is bfloat16 or float16.
+    dtype: str | None = None
 
 
 def read_model_info(model_dir: str | os.PathLike[str], name: str | None = None) -> ModelInfo:
@@ -102,9 +105,11 @@ def read_model_info(model_dir: str | os.PathLike[str], name: str | None = None) 
         if tokenizer_config.is_file():
             value = json.loads(tokenizer_config.read_text()).get("chat_template")
             template = value if isinstance(value, str) else None
+    dtype = config.get("dtype") or config.get("torch_dtype")
     return ModelInfo(
         name=name or folder.name,
         hidden_size=hidden,
+        dtype=dtype if isinstance(dtype, str) else None,
         chat_template_sha256=sha256_text(template) if template is not None else None,
     )
 

@@ -21,17 +21,34 @@ import torch
 EMBEDS_SENTINEL = "<prompt_embeds>"
 
 
-def encode_prompt_embeds(tensor: torch.Tensor) -> str:
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def wire_dtype(stored: torch.dtype, serving: str | None) -> torch.dtype:
+    """The dtype a soft prompt stored as `stored` is sent in to a vLLM that computes in `serving`.
+
+    vLLM casts prompt_embeds to the dtype it computes in, once. Sending exactly that dtype gives
+    the same tensor on the server (the same single rounding, done here) in fewer bytes: half of
+    float32's for bf16/fp16. Any third dtype would round twice (measured: fp16 sent to a bf16
+    server changed answers). So: `serving` when it is known (bfloat16, float16 or float32); else
+    float32 and bfloat16 as stored, anything else widened to float32.
+    """
+    if serving is not None:
+        if serving not in WIRE_DTYPES:
+            raise ValueError(f"serving dtype must be one of {sorted(WIRE_DTYPES)}, got {serving!r}")
+        return WIRE_DTYPES[serving]
+    return stored if stored in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def encode_prompt_embeds(tensor: torch.Tensor, serving_dtype: str | None = None) -> str:
     """base64 of `torch.save(tensor)`, vLLM's prompt_embeds wire format. [n, hidden] -> str.
 
-    float32 and bfloat16 are sent as they are (vLLM casts to the model dtype once); any other
-    float dtype is widened to float32 first, since a third dtype would round twice.
-    `.clone()` matters: torch.save writes a view's whole underlying storage.
+    Sent in `wire_dtype(tensor.dtype, serving_dtype)`. `.clone()` matters: torch.save writes a
+    view's whole underlying storage.
     """
     if tensor.ndim != 2 or not tensor.is_floating_point():
         raise ValueError(f"soft prompt must be a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
-    if tensor.dtype not in (torch.float32, torch.bfloat16):
-        tensor = tensor.float()
+    tensor = tensor.to(wire_dtype(tensor.dtype, serving_dtype))
     buffer = io.BytesIO()
     torch.save(tensor.detach().cpu().contiguous().clone(), buffer)
     return pybase64.b64encode(buffer.getvalue()).decode("ascii")

@@ -46,15 +46,21 @@ def committed_artifacts(model_name: str, *, allow_forced: bool = False) -> dict[
     return {"dro": str(folder)}
 
 
+# vLLM --dtype values -> the gateway's models[].embeds_dtype (the dtype soft prompts are sent in).
+EMBEDS_DTYPE_FOR_VLLM = {"auto": "auto", "bfloat16": "bfloat16", "half": "float16", "float16": "float16",
+                         "float": "float32", "float32": "float32"}
+
+
 def gateway_config(model: str | Path, name: str, vllm_port: int, *, with_dro: bool = False,
                    artifacts: dict[str, str] | None = None, default_variant: str | None = None,
-                   allow_forced: tuple[str, ...] = ()) -> dict:
+                   allow_forced: tuple[str, ...] = (), vllm_dtype: str | None = None) -> dict:
     """Gateway settings for one model served by vLLM as `name`.
 
     `with_dro` adds the committed DRO artifact of `name` (see committed_artifacts), which becomes
     the default variant unless `default_variant` says otherwise; `artifacts` (variant -> folder)
     are added or override it. A local model folder is given as model_path so that artifacts are
     validated against it. `allow_forced` names the artifact variants served although marked forced.
+    `vllm_dtype` (vLLM's --dtype, when given) tells the gateway the dtype to send soft prompts in.
     """
     committed = committed_artifacts(name, allow_forced="dro" in allow_forced) if with_dro else {}
     served = {**committed, **(artifacts or {})}
@@ -67,6 +73,7 @@ def gateway_config(model: str | Path, name: str, vllm_port: int, *, with_dro: bo
             "default_variant": default_variant or ("dro" if committed else "default"),
             "artifacts": served,
             **({"allow_forced_artifacts": [v for v in allow_forced if v in served]} if allow_forced else {}),
+            **({"embeds_dtype": EMBEDS_DTYPE_FOR_VLLM[vllm_dtype]} if vllm_dtype else {}),
         }],
     }
 
@@ -124,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None,
                         help="public model id the gateway serves it as (default: the embedded model's; "
                         "required for a folder)")
-    parser.add_argument("--dtype", default=None, help="vLLM --dtype (default: the checkpoint's)")
+    parser.add_argument("--dtype", default=None, choices=sorted(EMBEDS_DTYPE_FOR_VLLM),
+                        help="vLLM --dtype (default: the checkpoint's)")
     parser.add_argument("--artifact", action="append", type=parse_artifact, default=[], metavar="NAME=DIR",
                         help="serve a trained artifact folder as variant NAME (repeatable)")
     parser.add_argument("--allow-forced", action="append", default=[], metavar="NAME",
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         # The committed artifact belongs to the embedded model, whatever id it is served as.
         return gateway_config(model_dir, name, args.vllm_port, artifacts={**committed, **dict(args.artifact)},
                               default_variant=args.default_variant or ("dro" if committed else None),
-                              allow_forced=tuple(args.allow_forced))
+                              allow_forced=tuple(args.allow_forced), vllm_dtype=args.dtype)
 
     problem = check_config(config_for(Path(args.model)))
     if problem:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
 
+import pybase64
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -13,7 +15,14 @@ from safetensors.torch import save_file
 from gateway.errors import ModelNotFound
 from gateway.settings import ModelConfig
 from gateway.variants import load_model, resolve_variant, split_choice
-from safeprompt.artifact import ArtifactError, Manifest, import_released, read_model_info, save_artifact
+from safeprompt.artifact import (
+    ArtifactError,
+    Manifest,
+    import_released,
+    load_artifact,
+    read_model_info,
+    save_artifact,
+)
 from safeprompt.files import sha256_text
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
@@ -116,3 +125,27 @@ def test_forced_artifact_is_refused_unless_named_in_allow_forced_artifacts(tmp_p
     served = load_model(ModelConfig(name="m", model_path=model_dir, artifacts={"dro": path},
                                     allow_forced_artifacts=["dro"]))
     assert served.variants["dro"].manifest.forced
+
+
+def _sent(model) -> torch.Tensor:
+    return torch.load(io.BytesIO(pybase64.b64decode(model.variants["dro"].encoded_embeds)), weights_only=True)
+
+
+@pytest.mark.parametrize(("checkpoint_dtype", "setting", "expected"), [
+    ("bfloat16", "auto", torch.bfloat16),  # vLLM --dtype auto serves a bf16 checkpoint in bf16
+    ("float16", "auto", torch.float16),
+    ("float32", "auto", torch.float32),  # vLLM may downcast (CPU: bf16); float32 is always exact
+    (None, "auto", torch.float32),
+    ("bfloat16", "float32", torch.float32),  # vLLM started with --dtype float32
+])
+def test_soft_prompts_are_sent_in_the_dtype_vllm_computes_in(tmp_path: Path, checkpoint_dtype, setting,
+                                                           expected) -> None:
+    folder = _model_dir(tmp_path)
+    if checkpoint_dtype:
+        (folder / "config.json").write_text(json.dumps({"hidden_size": 16, "dtype": checkpoint_dtype}))
+    path = _artifact(tmp_path, "dro")
+    model = load_model(ModelConfig(name="m", model_path=folder, artifacts={"dro": path}, embeds_dtype=setting))
+    sent = _sent(model)
+    trained = load_artifact(path).soft_prompt
+    assert sent.dtype == expected
+    assert torch.equal(sent, trained.to(expected))

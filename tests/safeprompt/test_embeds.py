@@ -8,7 +8,7 @@ import pybase64
 import pytest
 import torch
 
-from safeprompt.embeds import encode_prompt_embeds, prompt_embeds_part, safety_system_message
+from safeprompt.embeds import WIRE_DTYPES, encode_prompt_embeds, prompt_embeds_part, safety_system_message, wire_dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -41,3 +41,27 @@ def test_safety_system_message_puts_the_prompt_first_and_joins_the_client_text()
     assert soft["content"] == [prompt_embeds_part("B64"), {"type": "text", "text": "Be brief."}]
     with pytest.raises(ValueError):
         safety_system_message(text="a", encoded_embeds="b")
+
+
+def _decode(encoded: str) -> torch.Tensor:
+    return torch.load(io.BytesIO(pybase64.b64decode(encoded)), weights_only=True)
+
+
+@pytest.mark.parametrize("serving", ["bfloat16", "float16", "float32"])
+def test_prompt_embeds_sent_in_the_serving_dtype_are_what_the_server_would_cast_to(serving: str) -> None:
+    trained = torch.randn(16, 512)  # float32, as the trainer writes it
+    sent = _decode(encode_prompt_embeds(trained, serving))
+    assert sent.dtype == WIRE_DTYPES[serving]
+    # vLLM casts what it receives to the dtype it computes in: one rounding, the same as here.
+    assert torch.equal(sent.to(WIRE_DTYPES[serving]), trained.to(WIRE_DTYPES[serving]))
+    if serving != "float32":
+        assert len(encode_prompt_embeds(trained, serving)) < 0.6 * len(encode_prompt_embeds(trained))
+
+
+def test_wire_dtype_never_invents_a_third_dtype() -> None:
+    assert wire_dtype(torch.float32, None) == torch.float32
+    assert wire_dtype(torch.bfloat16, None) == torch.bfloat16
+    assert wire_dtype(torch.float16, None) == torch.float32
+    assert wire_dtype(torch.float32, "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError):
+        wire_dtype(torch.float32, "int8")

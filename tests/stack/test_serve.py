@@ -192,3 +192,14 @@ def test_serve_stops_vllm_while_it_is_still_starting(serve: ServeProcess) -> Non
     serve.signal(("group:SIGTERM",))
     assert_nothing_left(serve, signalled_at)
     assert READY_LINE not in serve.text()
+
+
+@pytest.mark.parametrize(("vllm_dtype", "embeds_dtype"), [("half", "float16"), ("float", "float32"),
+                                                          ("bfloat16", "bfloat16"), ("auto", "auto")])
+def test_vllm_dtype_tells_the_gateway_what_to_send_soft_prompts_in(tmp_path: Path, vllm_dtype: str,
+                                                                  embeds_dtype: str) -> None:
+    (model,) = gateway_config(tmp_path, "m", 8123, vllm_dtype=vllm_dtype)["models"]
+    assert model["embeds_dtype"] == embeds_dtype
+    ModelConfig(**model)
+    (model,) = gateway_config(tmp_path, "m", 8123)["models"]
+    assert "embeds_dtype" not in model
