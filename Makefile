@@ -52,5 +52,20 @@ setup-prometheus:
 	@# Debian's package starts a system service on :9090; the tests run their own instances.
 	@-service prometheus stop >/dev/null 2>&1 || true
 
+# LiteLLM's proxy in its own venv, only for bench/gateway_overhead.py's side-by-side (docs/performance.md).
+LITELLM_VENV := .venv-litellm
+.PHONY: setup-litellm bench-gateway
+setup-litellm: $(LITELLM_VENV)/.installed
+
+$(LITELLM_VENV)/.installed:
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q --disable-pip-version-check 'litellm[proxy]==1.108.7'
+	touch $@
+
+# The gateway's benchmarks (docs/performance.md): against an instant upstream and LiteLLM, then a real vLLM.
+bench-gateway: setup setup-vllm setup-litellm
+	PYTHONPATH=. $(PY) bench/gateway_overhead.py --out docs/performance/overhead.json
+	PYTHONPATH=. $(PY) bench/gateway_vs_vllm.py --out docs/performance/vs_vllm.json
+
 clean-venvs:
-	rm -rf $(VENV) $(VLLM_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV)
