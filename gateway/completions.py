@@ -11,9 +11,11 @@ Knows nothing about httpx (the upstream pool raises only gateway errors) or metr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import uuid
+from collections.abc import Coroutine
 from typing import Annotated, Any
 
 import orjson
@@ -92,7 +94,9 @@ async def create_chat_completion(request: Request, service: Annotated[Service, D
             response = await open_stream(service.pool, chat, body, accounting)
             streaming = True  # the relay finishes the accounting when the stream ends
             return response
-        return await complete(service.pool, chat, body, accounting, max_bytes=settings.max_response_bytes)
+        return await unless_client_leaves(
+            request, complete(service.pool, chat, body, accounting, max_bytes=settings.max_response_bytes), accounting
+        )
     except Exception as exc:
         error = to_gateway_error(exc)
         accounting.fail(error)
@@ -100,6 +104,40 @@ async def create_chat_completion(request: Request, service: Annotated[Service, D
     finally:
         if not streaming:
             accounting.finish()
+
+
+# Nginx's code for "client closed request": recorded when the client left before its answer was ready.
+CLIENT_CLOSED_REQUEST = 499
+
+
+async def until_disconnected(request: Request) -> None:
+    """Return when the client hangs up. Called after the body was read, so the only message left
+    for the app to receive is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(
+    request: Request, work: Coroutine[Any, Any, Response], accounting: Accounting
+) -> Response:
+    """The response `work` makes, unless the client disconnects first: then `work` is cancelled,
+    which closes the vLLM request and so makes vLLM abort the generation (a non-streaming answer
+    of n x max_tokens would otherwise run to its end for nobody)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            accounting.client_disconnected()
+            accounting.record.status = CLIENT_CLOSED_REQUEST
+    if task.cancelled():
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it
+    return task.result()
 
 
 async def complete(

@@ -131,6 +131,22 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
     kind = "upstream_unavailable"
 
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        if retry_after_s is not None:
+            self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class GatewayOverloaded(GatewayError):
+    """Local overload: every pooled connection to vLLM is busy (503 with Retry-After). Not an
+    upstream fault: vLLM stays marked healthy."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "overloaded"
+    kind = "overloaded"
+    headers = {"Retry-After": "1"}
+
 
 class UpstreamTimeout(GatewayError):
     status_code = 504

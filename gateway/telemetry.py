@@ -21,6 +21,7 @@ ERROR_KINDS = (
     "upstream_4xx",  # vLLM rejected the request (passed through)
     "upstream_5xx",  # vLLM failed
     "upstream_unavailable",  # cannot connect / no healthy upstream (503)
+    "overloaded",  # the gateway's own connection pool to vLLM is exhausted (503, Retry-After)
     "upstream_timeout",  # 504
     "upstream_disconnect",  # upstream dropped mid-stream
     "client_disconnect",  # client went away before the answer ended

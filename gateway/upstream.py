@@ -1,10 +1,21 @@
 """The vLLM upstreams: one shared httpx client, round-robin over healthy servers, health checks.
 
 The one place where transport failures become gateway errors: `UpstreamPool.open` and the
-`UpstreamResponse` it yields raise only `gateway.errors` types (unavailable, timeout, rejected,
-failed, disconnected), never httpx's, so callers handle one error family. The client is made in
-`start()` (the app's lifespan) and closed in `stop()`; tests hand in an httpx transport. Knows
-nothing about chat semantics: it sends JSON bodies and returns JSON answers or SSE events.
+`UpstreamResponse` it yields raise only `gateway.errors` types (unavailable, overloaded, timeout,
+rejected, failed, disconnected), never httpx's, so callers handle one error family. The clients are
+made in `start()` (the app's lifespan) and closed in `stop()`; tests hand in an httpx transport.
+Knows nothing about chat semantics: it sends JSON bodies and returns JSON answers or SSE events.
+
+Failure handling:
+- A connection that fails before any response byte marks that upstream down and the request goes
+  to the next one; the health probe brings it back.
+- Health probes use their own small client, so a request pool saturated by slow clients can
+  neither delay them nor make them fail.
+- No connection free in the request pool within the connect timeout is local overload: 503
+  `overloaded` with Retry-After, and vLLM stays marked healthy.
+- With no upstream known healthy, a request triggers one immediate probe round (shared by all
+  requests waiting, at most one a second) and, if none answers, gets a fast 503 with Retry-After
+  instead of waiting on dead or hung servers.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,6 +33,7 @@ import httpx
 import orjson
 
 from gateway.errors import (
+    GatewayOverloaded,
     UpstreamDisconnected,
     UpstreamFailed,
     UpstreamRejected,
@@ -40,8 +53,9 @@ RETRYABLE = (
     httpx.RemoteProtocolError,
     httpx.ReadError,
     httpx.WriteError,
-    httpx.PoolTimeout,
 )
+PROBE_TIMEOUT_S = 2.0
+MIN_REPROBE_S = 1.0  # a request finding no healthy upstream probes again at most this often
 
 
 @dataclass
@@ -175,8 +189,11 @@ class UpstreamPool:
         self._config = config
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._health_client: httpx.AsyncClient | None = None
         self._next = 0
         self._task: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._probed_at = 0.0
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -187,6 +204,10 @@ class UpstreamPool:
     # --- lifecycle and health ------------------------------------------------------------------
     async def start(self) -> None:
         self._client = build_client(self._config, self._transport)
+        self._health_client = httpx.AsyncClient(
+            timeout=PROBE_TIMEOUT_S, limits=httpx.Limits(max_connections=4 * len(self.upstreams)),
+            headers=self._client.headers, transport=self._transport,
+        )
         await self.check_health()
         self._task = asyncio.create_task(self._health_loop(), name="upstream-health")
 
@@ -195,14 +216,20 @@ class UpstreamPool:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in (self._client, self._health_client):
+            if client is not None:
+                await client.aclose()
+        self._client = self._health_client = None
 
     async def check_health(self) -> None:
+        client = self._health_client
+        if client is None:
+            raise RuntimeError("the upstream pool is not started (the app's lifespan starts it)")
+        self._probed_at = time.monotonic()
+
         async def probe(upstream: Upstream) -> None:
             try:
-                response = await self.client.get(f"{upstream.url}/health", timeout=2.0)
+                response = await client.get(f"{upstream.url}/health")
                 upstream.healthy = response.status_code == 200
                 upstream.last_error = None if upstream.healthy else f"/health {response.status_code}"
             except httpx.HTTPError as exc:
@@ -221,14 +248,33 @@ class UpstreamPool:
     def any_healthy(self) -> bool:
         return any(upstream.healthy for upstream in self.upstreams)
 
-    def _candidates(self) -> list[Upstream]:
-        """Healthy upstreams in round-robin order; all of them if none is known healthy."""
+    def _healthy(self) -> list[Upstream]:
+        """Healthy upstreams in round-robin order."""
         count = len(self.upstreams)
         start = self._next % count
         self._next += 1
         ordered = [self.upstreams[(start + offset) % count] for offset in range(count)]
-        healthy = [upstream for upstream in ordered if upstream.healthy]
-        return healthy or ordered
+        return [upstream for upstream in ordered if upstream.healthy]
+
+    async def _candidates(self) -> list[Upstream]:
+        """Healthy upstreams in round-robin order, after one shared re-probe when none is known
+        healthy; UpstreamUnavailable (fast, with Retry-After) when still none is."""
+        healthy = self._healthy()
+        if healthy:
+            return healthy
+        if self._probe is None or self._probe.done():
+            if time.monotonic() - self._probed_at >= MIN_REPROBE_S:
+                self._probe = asyncio.create_task(self.check_health(), name="upstream-reprobe")
+        if self._probe is not None and not self._probe.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._probe)
+        healthy = self._healthy()
+        if healthy:
+            return healthy
+        raise UpstreamUnavailable(
+            "no vLLM upstream is healthy: " + "; ".join(f"{u.url}: {u.last_error}" for u in self.upstreams),
+            retry_after_s=max(1, math.ceil(self.health_interval_s)),
+        )
 
     # --- requests ------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -241,7 +287,7 @@ class UpstreamPool:
         """
         payload = orjson.dumps(body)
         last_error: Exception | None = None
-        for upstream in self._candidates():
+        for upstream in await self._candidates():
             request = self.client.build_request(
                 "POST",
                 f"{upstream.url}{path}",
@@ -253,6 +299,10 @@ class UpstreamPool:
                 response = await self.client.send(request, stream=True)
             except httpx.ReadTimeout:
                 raise UpstreamTimeout(f"vLLM at {upstream.url} did not answer in time") from None
+            except httpx.PoolTimeout:
+                raise GatewayOverloaded(
+                    "the gateway has no free connection to vLLM (too many requests in flight); retry shortly"
+                ) from None
             except RETRYABLE as exc:
                 upstream.healthy = False
                 upstream.last_error = type(exc).__name__
@@ -272,7 +322,8 @@ class UpstreamPool:
                 await response.aclose()
             return
         raise UpstreamUnavailable(
-            f"no vLLM upstream is reachable ({type(last_error).__name__ if last_error else 'none healthy'})"
+            f"no vLLM upstream is reachable ({type(last_error).__name__ if last_error else 'none healthy'})",
+            retry_after_s=max(1, math.ceil(self.health_interval_s)),
         )
 
 

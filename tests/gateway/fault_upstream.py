@@ -23,11 +23,21 @@ def _chunk(text: str | None, finish: str | None = None) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
+# What the fake saw, for tests: `hang_aborted` counts hanging requests whose client (the gateway)
+# closed the connection before the 30 s were up.
+SEEN = {"hang_aborted": 0}
+
+
 async def chat(request: Request) -> Response:
     body = orjson.loads(await request.body())
     behaviour = body["model"]
     if behaviour == "hang":
-        await asyncio.sleep(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if await request.is_disconnected():
+                SEEN["hang_aborted"] += 1
+                break
+            await asyncio.sleep(0.05)
     if behaviour == "boom":
         return JSONResponse({"error": {"message": "engine died", "type": "InternalServerError"}}, status_code=500)
     if behaviour == "picky":

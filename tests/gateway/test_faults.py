@@ -5,6 +5,8 @@ gateway runs in uvicorn; the upstream is a fault-injecting fake (the only fake i
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import orjson
@@ -13,7 +15,7 @@ import pytest
 from gateway.app import build_app
 from gateway.settings import ModelConfig, Settings
 from stack.processes import free_port
-from tests.gateway.fault_upstream import ThreadedServer, fault_app
+from tests.gateway.fault_upstream import SEEN, ThreadedServer, fault_app
 from tests.metrics_text import metric_total
 
 BEHAVIOURS = ["ok", "hang", "boom", "picky", "drop", "stall"]
@@ -93,6 +95,28 @@ def test_usage_chunk_is_stripped_unless_asked(gateway_url: str) -> None:
     assert '"usage"' not in plain
     asked = _post(gateway_url, "ok", stream=True, stream_options={"include_usage": True}).text
     assert '"completion_tokens":3' in asked
+
+
+def test_a_client_that_hangs_up_on_a_non_streaming_request_aborts_it_upstream(gateway_url: str) -> None:
+    before = SEEN["hang_aborted"]
+    aborted_before = metric_total(httpx.get(f"{gateway_url}/metrics").text, "dro_gateway_request_errors_total",
+                                  kind="client_disconnect")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway_url}/v1/chat/completions", timeout=0.5,
+                   json={"model": "hang", "messages": [{"role": "user", "content": "hi"}]})
+    hung_up = time.monotonic()
+    # Well before the gateway's own 3 s read timeout would have closed it.
+    while SEEN["hang_aborted"] == before and time.monotonic() - hung_up < 2.5:
+        time.sleep(0.02)
+    assert SEEN["hang_aborted"] == before + 1
+    assert time.monotonic() - hung_up < 2.5
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{gateway_url}/metrics").text
+        if metric_total(text, "dro_gateway_request_errors_total", kind="client_disconnect") == aborted_before + 1:
+            break
+        time.sleep(0.05)
+    assert metric_total(text, "dro_gateway_request_errors_total", kind="client_disconnect") == aborted_before + 1
 
 
 def test_upstream_down_is_503_and_not_ready() -> None:

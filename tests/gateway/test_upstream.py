@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
+from gateway import upstream as upstream_module
 from gateway.errors import (
+    GatewayOverloaded,
     UpstreamDisconnected,
     UpstreamRejected,
     UpstreamTimeout,
@@ -21,8 +23,13 @@ A, B = "http://a.test", "http://b.test"
 
 
 def _pool(handler: Callable[[httpx.Request], httpx.Response], urls: list[str]) -> UpstreamPool:
+    """A pool whose upstreams pass their health probe (unless `handler` answers /health itself)."""
+    def routed(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health" and getattr(handler, "health", None) is None:
+            return httpx.Response(200)
+        return handler(request)
     return UpstreamPool(urls, ClientConfig(connect_timeout_s=1, read_timeout_s=1), health_interval_s=60,
-                        transport=httpx.MockTransport(handler))
+                        transport=httpx.MockTransport(routed))
 
 
 def _run(pool: UpstreamPool, read: Callable[..., object]) -> object:
@@ -109,3 +116,44 @@ def test_events_end_at_done_and_a_cut_stream_is_a_disconnect() -> None:
 def test_an_unstarted_pool_says_so() -> None:
     with pytest.raises(RuntimeError, match="not started"):
         _ = _pool(lambda request: httpx.Response(200), [A]).client
+
+
+def test_an_exhausted_connection_pool_is_local_overload_and_vllm_stays_healthy() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.PoolTimeout("no free connection")
+    pool = _pool(handler, [A, B])
+    with pytest.raises(GatewayOverloaded) as caught:
+        _run(pool, _json)
+    assert caught.value.status_code == 503 and caught.value.headers == {"Retry-After": "1"}
+    assert [upstream.healthy for upstream in pool.upstreams] == [True, True]
+
+
+def test_with_no_healthy_upstream_the_answer_is_a_fast_503_and_one_reprobe_brings_it_back(monkeypatch) -> None:
+    monkeypatch.setattr(upstream_module, "MIN_REPROBE_S", 0.0)
+    state = {"up": False, "chats": 0, "probes": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            state["probes"] += 1
+            return httpx.Response(200 if state["up"] else 503)
+        state["chats"] += 1
+        return httpx.Response(200, json={"ok": True})
+    handler.health = True  # type: ignore[attr-defined]
+    pool = UpstreamPool([A], ClientConfig(connect_timeout_s=1, read_timeout_s=1), health_interval_s=60,
+                        transport=httpx.MockTransport(handler))
+
+    async def go() -> None:
+        await pool.start()
+        try:
+            with pytest.raises(UpstreamUnavailable) as caught:
+                async with pool.open("/v1/chat/completions", {}, {}):
+                    pass
+            assert caught.value.headers == {"Retry-After": "60"} and "/health 503" in caught.value.message
+            assert state["chats"] == 0 and state["probes"] == 2  # start, then the request's re-probe
+            state["up"] = True  # vLLM is back: the next request's re-probe sees it, no 60 s wait
+            async with pool.open("/v1/chat/completions", {}, {}) as answer:
+                assert await answer.read_json(max_bytes=1024) == {"ok": True}
+            assert state["chats"] == 1
+        finally:
+            await pool.stop()
+    asyncio.run(go())
