@@ -198,8 +198,8 @@ def main() -> None:
     parser.add_argument("--serve-dtype", default=None,
                         help="models[].embeds_dtype for the gateway (default: the gateway's default)")
     parser.add_argument("--tokens", type=int, default=8, help="answer tokens (stream chunks) per request")
-    parser.add_argument("--requests-per-slot", type=int, default=40, help="requests per block = this x concurrency")
-    parser.add_argument("--min-requests", type=int, default=300)
+    parser.add_argument("--requests-per-slot", type=int, default=10, help="requests per block = this x concurrency")
+    parser.add_argument("--min-requests", type=int, default=200)
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--relay-tokens", type=int, default=1000, help="0 skips the relay run")
@@ -261,7 +261,7 @@ def main() -> None:
             "relay": relay,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(report, indent=1, default=str) + "\n")
         print(f"wrote {args.out}")
     finally:
         stop_processes(processes)

@@ -157,7 +157,7 @@ def main() -> None:
             "rows": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(report, indent=1, default=str) + "\n")
         print(f"wrote {args.out}")
     finally:
         stop_processes(processes)
