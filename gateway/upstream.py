@@ -205,8 +205,10 @@ class UpstreamPool:
     async def start(self) -> None:
         self._client = build_client(self._config, self._transport)
         self._health_client = httpx.AsyncClient(
-            timeout=PROBE_TIMEOUT_S, limits=httpx.Limits(max_connections=4 * len(self.upstreams)),
-            headers=self._client.headers, transport=self._transport,
+            timeout=PROBE_TIMEOUT_S,
+            limits=httpx.Limits(max_connections=4 * len(self.upstreams)),
+            headers=self._client.headers,
+            transport=self._transport,
         )
         await self.check_health()
         self._task = asyncio.create_task(self._health_loop(), name="upstream-health")
