@@ -11,6 +11,7 @@ it reads OpenAI-shaped answers and chunks as dicts.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -35,6 +36,7 @@ class Accounting:
         self._stream_verdicts: dict[int, StreamVerdict] = {}
         self._stream_texts: dict[int, list[str]] = {}  # kept only when prompt logging is on
         self._finished = False
+        self._on_finish: list[Callable[[RequestRecord], None]] = []
 
     @property
     def response_headers(self) -> dict[str, str]:
@@ -121,3 +123,9 @@ class Accounting:
         self.record.finish()
         self._metrics.request_finished(self.record)
         log_request(self.record, log_prompts=self._log_prompts)
+        for hook in self._on_finish:
+            hook(self.record)
+
+    def on_finish(self, hook: Callable[[RequestRecord], None]) -> None:
+        """Call `hook` with the finished record (e.g. to charge the request's tokens to its key)."""
+        self._on_finish.append(hook)

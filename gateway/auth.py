@@ -44,6 +44,13 @@ class ApiKey:
     name: str
     digest: bytes
     grants: tuple[tuple[str, str], ...]
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    @property
+    def limit_id(self) -> str:
+        """What its rate limits are kept under (the digest: holder names need not be unique)."""
+        return self.digest.hex()
 
     def may_use(self, model: str, variant: str) -> bool:
         for model_pattern, variant_pattern in self.grants:
@@ -94,10 +101,16 @@ class KeyRing:
                 name=config.name,
                 digest=bytes.fromhex(config.sha256),
                 grants=tuple(parse_grant(grant, settings.models) for grant in config.models),
+                requests_per_minute=config.requests_per_minute,
+                tokens_per_minute=config.tokens_per_minute,
             )
             for config in configs
         ]
         return cls(keys)
+
+    @property
+    def keys(self) -> tuple[ApiKey, ...]:
+        return tuple(self._keys)
 
     @property
     def enabled(self) -> bool:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import re
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import orjson
@@ -89,14 +89,24 @@ async def create_chat_completion(request: Request, service: Annotated[Service, D
         model, variant = check_and_resolve(chat, settings, service.models, request_id)
         service.keys.authorize(key, model.name, variant.name)
         accounting.start(chat, model, variant)
+        limit_id = key.limit_id if key is not None else None
+        service.admission.admit(limit_id)  # 429 here is counted under the model and variant asked for
+        accounting.on_finish(lambda record: service.admission.charge(limit_id, record.total_tokens))
         body = build_upstream_body(chat, model, variant, policy=settings.system_message_policy)
-        if chat.stream:
-            response = await open_stream(service.pool, chat, body, accounting)
-            streaming = True  # the relay finishes the accounting when the stream ends
-            return response
-        return await unless_client_leaves(
-            request, complete(service.pool, chat, body, accounting, max_bytes=settings.max_response_bytes), accounting
-        )
+        release = await service.admission.acquire()
+        try:
+            if chat.stream:
+                response = await open_stream(service.pool, chat, body, accounting, on_close=release)
+                streaming = True  # the relay finishes the accounting and frees the slot when the stream ends
+                return response
+            return await unless_client_leaves(
+                request,
+                complete(service.pool, chat, body, accounting, max_bytes=settings.max_response_bytes),
+                accounting,
+            )
+        finally:
+            if not streaming:
+                release()
     except Exception as exc:
         error = to_gateway_error(exc)
         accounting.fail(error)
@@ -157,10 +167,18 @@ async def complete(
 
 
 async def open_stream(
-    pool: UpstreamPool, chat: ChatCompletionRequest, body: dict[str, Any], accounting: Accounting
+    pool: UpstreamPool,
+    chat: ChatCompletionRequest,
+    body: dict[str, Any],
+    accounting: Accounting,
+    *,
+    on_close: Callable[[], None],
 ) -> Response:
-    """Open the vLLM stream before answering, so errors before the first byte keep their status."""
+    """Open the vLLM stream before answering, so errors before the first byte keep their status.
+    `on_close` runs when the relay has closed the stream (not when opening it fails: the caller
+    cleans up then)."""
     close_upstream = contextlib.AsyncExitStack()
+    close_upstream.callback(on_close)
     upstream = await close_upstream.enter_async_context(
         pool.open(ROUTE, body, {"X-Request-Id": accounting.record.request_id})
     )

@@ -148,6 +148,19 @@ class GatewayOverloaded(GatewayError):
     headers = {"Retry-After": "1"}
 
 
+class RateLimited(GatewayError):
+    """The API key is over its requests or tokens per minute (429 with Retry-After)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    kind = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, retry_after_s))}
+
+
 class UpstreamTimeout(GatewayError):
     status_code = 504
     error_type = "timeout"

@@ -1,10 +1,11 @@
 """The gateway's service object: everything a route needs, built once by the app factory.
 
 `Service` holds the settings, the served models with their variants, the client API keys, the
-refusal judge, the Prometheus metrics and the upstream pool. `build_service(settings)` loads and validates every
-artifact (raising `ArtifactError` on a mismatch) and registers the variants with the metrics; the
-pool's HTTP client is made later, in the app's lifespan (`UpstreamPool.start`). Routes get the
-service through the FastAPI dependency `get_service`. Nothing here is created at import time.
+refusal judge, the Prometheus metrics, the upstream pool and admission control (rates, concurrency).
+`build_service(settings)` loads and validates every artifact (raising `ArtifactError` on a
+mismatch) and registers the variants with the metrics; the pool's HTTP client is made later, in the
+app's lifespan (`UpstreamPool.start`). Routes get the service through the FastAPI dependency
+`get_service`. Nothing here is created at import time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import httpx
 from fastapi import Request
 
 from gateway.accounting import Accounting
+from gateway.admission import Admission
 from gateway.auth import KeyRing
 from gateway.prometheus import GatewayMetrics
 from gateway.settings import Settings
@@ -33,6 +35,7 @@ class Service:
     judge: Judge
     metrics: GatewayMetrics
     pool: UpstreamPool
+    admission: Admission
     created: int = field(default_factory=lambda: int(time.time()))  # the models' `created` field
 
     def accounting(self, request_id: str, route: str) -> Accounting:
@@ -71,13 +74,24 @@ def build_service(settings: Settings, *, transport: httpx.AsyncBaseTransport | N
         health_interval_s=settings.health_interval_s,
         transport=transport,
     )
+    keys = KeyRing.from_settings(settings)
+    admission = Admission(
+        max_concurrent=settings.max_concurrent_requests,
+        max_queued=settings.max_queued_requests,
+        queue_timeout_s=settings.queue_timeout_s,
+    )
+    for key in keys.keys:
+        admission.limit_key(
+            key.limit_id, requests_per_minute=key.requests_per_minute, tokens_per_minute=key.tokens_per_minute
+        )
     return Service(
         settings=settings,
         models=models,
-        keys=KeyRing.from_settings(settings),
+        keys=keys,
         judge=get_judge(settings.judge),
         metrics=metrics,
         pool=pool,
+        admission=admission,
     )
 
 

@@ -106,6 +106,10 @@ class ApiKeyConfig(BaseModel):
     # `MODEL@*`. `*` never matches the `none` variant (no safety prompt): it is granted only by
     # naming it (`MODEL@none` or `*@none`).
     models: list[str] = Field(default_factory=lambda: ["*"])
+    # Per-minute allowances (gateway.admission), None = unlimited. Tokens are prompt + completion as
+    # vLLM counts them, charged when a request ends. Per gateway process: divide by --workers.
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
 
 
 class Settings(BaseSettings):
@@ -148,6 +152,11 @@ class Settings(BaseSettings):
     # makes tens of MiB, all held in memory and re-serialised).
     max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_n: int = 16
+    # Concurrency cap (gateway.admission): requests talking to vLLM at once, how many more may wait
+    # for a slot and for how long; beyond that 503 `overloaded` with Retry-After. Per process.
+    max_concurrent_requests: int = Field(default=256, ge=1)
+    max_queued_requests: int = Field(default=1024, ge=0)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
     # Per-request `seed`: safe with the project's vLLM command (chunked prefill off); set to
     # "reject" when the upstream is a vLLM CPU build with chunked prefill on (it crashes on seeds).
     seed_policy: Literal["pass", "reject"] = "pass"

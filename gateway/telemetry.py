@@ -21,7 +21,8 @@ ERROR_KINDS = (
     "upstream_4xx",  # vLLM rejected the request (passed through)
     "upstream_5xx",  # vLLM failed
     "upstream_unavailable",  # cannot connect / no healthy upstream (503)
-    "overloaded",  # the gateway's own connection pool to vLLM is exhausted (503, Retry-After)
+    "overloaded",  # 503 + Retry-After: concurrency cap's queue full or wait timed out, or no free pooled connection
+    "rate_limited",  # 429: the API key is over its requests or tokens per minute
     "upstream_timeout",  # 504
     "upstream_disconnect",  # upstream dropped mid-stream
     "client_disconnect",  # client went away before the answer ended
@@ -55,6 +56,11 @@ class RequestRecord:
     user: str | None = None  # never a metric label; logged only if configured
     prompt_text: str | None = None  # set only when prompt logging is enabled
     answer_texts: list[str] | None = None  # set only when prompt logging is enabled
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt + completion tokens as vLLM counted them (0 when unknown)."""
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
 
     def finish(self) -> None:
         if self.total_s is None:
