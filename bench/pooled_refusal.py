@@ -8,7 +8,7 @@ Reads each dro-eval run directory's `answers.jsonl` (greedy answers only), judge
 with the named judge (so answers cached under an older judge are judged the same way), keeps the
 first `--limit` queries of each set that every compared variant answered, and prints per variant:
 pooled refusal % on the harmful and on the harmless sets with Wilson 95% intervals, the paired
-difference against `--against` with its discordant pairs (b = only this variant refused, c = only
+difference against `--against` with its Wald 95% interval and its discordant pairs (b = only this variant refused, c = only
 the reference did) and an exact McNemar p, and the harmless answers' mean words and finished share.
 """
 
@@ -30,6 +30,16 @@ def mcnemar_exact(b: int, c: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(0, min(b, c) + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def paired_difference_interval(b: int, c: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wald 95% interval of the difference of two paired proportions, (b - c) / n, from the discordant
+    counts (b: only the first refused, c: only the second); Agresti & Min (2005), eq. (1)."""
+    if n == 0:
+        return 0.0, 0.0
+    difference = (b - c) / n
+    spread = z * math.sqrt(max(0.0, (b + c) / n**2 - (b - c) ** 2 / n**3))
+    return difference - spread, difference + spread
 
 
 def load(spec: str) -> tuple[str, dict[tuple[str, int], dict]]:
@@ -71,7 +81,7 @@ def main() -> None:
         verdicts = {
             label: [judge.judge(answers[key]["text"]).refusal for key in keys] for label, answers in loaded.items()
         }
-        print("| variant | refusal % [95% CI] | vs ref (pts) | b / c | McNemar p | words | finished % |")
+        print("| variant | refusal % [95% CI] | vs ref (pts) [95% CI] | b / c | McNemar p | words | finished % |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for label, answers in loaded.items():
             k, n = sum(verdicts[label]), len(keys)
@@ -80,8 +90,10 @@ def main() -> None:
             c = sum(1 for x, y in zip(verdicts[label], verdicts[reference], strict=True) if y and not x)
             words = sum(len(answers[key]["text"].split()) for key in keys) / max(1, n)
             finished = sum(answers[key].get("finish_reason") == "stop" for key in keys) / max(1, n)
+            diff_low, diff_high = paired_difference_interval(b, c, n)
             print(
                 f"| {label} | {100 * k / n:.1f} [{100 * low:.1f}, {100 * high:.1f}] | {100 * (b - c) / n:+.1f} "
+                f"[{100 * diff_low:+.1f}, {100 * diff_high:+.1f}] "
                 f"| {b} / {c} | {mcnemar_exact(b, c):.3f} | {words:.0f} | {100 * finished:.0f} |"
             )
 
