@@ -35,12 +35,16 @@ class GatewayError(Exception):
     kind = "internal"  # telemetry error_kind (gateway.telemetry.ERROR_KINDS)
     headers: dict[str, str] | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after_s is not None:  # whole seconds, at least 1
+            self.headers = {**(self.headers or {}), "Retry-After": str(max(1, retry_after_s))}
 
 
 class InvalidRequest(GatewayError):
@@ -131,11 +135,6 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
     kind = "upstream_unavailable"
 
-    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
-        super().__init__(message)
-        if retry_after_s is not None:
-            self.headers = {"Retry-After": str(retry_after_s)}
-
 
 class GatewayOverloaded(GatewayError):
     """Local overload: every pooled connection to vLLM is busy (503 with Retry-After). Not an
@@ -155,10 +154,6 @@ class RateLimited(GatewayError):
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
     kind = "rate_limited"
-
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.headers = {"Retry-After": str(max(1, retry_after_s))}
 
 
 class UpstreamTimeout(GatewayError):

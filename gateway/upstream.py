@@ -214,10 +214,11 @@ class UpstreamPool:
         self._task = asyncio.create_task(self._health_loop(), name="upstream-health")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         for client in (self._client, self._health_client):
             if client is not None:
                 await client.aclose()
@@ -275,7 +276,7 @@ class UpstreamPool:
             return healthy
         raise UpstreamUnavailable(
             "no vLLM upstream is healthy: " + "; ".join(f"{u.url}: {u.last_error}" for u in self.upstreams),
-            retry_after_s=max(1, math.ceil(self.health_interval_s)),
+            retry_after_s=math.ceil(self.health_interval_s),
         )
 
     # --- requests ------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ class UpstreamPool:
             return
         raise UpstreamUnavailable(
             f"no vLLM upstream is reachable ({type(last_error).__name__ if last_error else 'none healthy'})",
-            retry_after_s=max(1, math.ceil(self.health_interval_s)),
+            retry_after_s=math.ceil(self.health_interval_s),
         )
 
 
