@@ -41,7 +41,8 @@ import torch
 import yaml
 
 from bench.loadgen import Result, percentile, run_load
-from safeprompt.artifact import Manifest, save_artifact
+from safeprompt.artifact import Manifest
+from safeprompt.artifact_write import save_artifact
 from safeprompt.files import atomic_write_text
 from stack.processes import ManagedProcess, free_port, start_gateway, stop_processes
 

@@ -37,8 +37,10 @@ import torch
 import yaml
 
 from bench.loadgen import Result, percentile, run_load
-from safeprompt.artifact import Manifest, read_model_info, save_artifact
-from safeprompt.embeds import encode_prompt_embeds, prompt_embeds_part
+from safeprompt.artifact import Manifest, read_model_info
+from safeprompt.artifact_write import save_artifact
+from safeprompt.embeds import prompt_embeds_part
+from safeprompt.torch_payload import encode_prompt_embeds
 from safeprompt.files import atomic_write_text
 from safeprompt.prompts import HUMAN_PROMPTS
 from stack.processes import (

@@ -25,7 +25,8 @@ import torch
 
 from evaluation.querysets import load_builtin_set
 from safeprompt.artifact import load_artifact
-from safeprompt.embeds import encode_prompt_embeds, prompt_embeds_part
+from safeprompt.artifact_write import read_tensors
+from safeprompt.embeds import encode_payload, prompt_embeds_part, wire_dtype
 from trainer.answers import greedy_answers
 from trainer.chat import build_spliced_batch
 from trainer.model import load_frozen_model
@@ -69,8 +70,8 @@ def main() -> int:
 
     frozen = load_frozen_model(args.model_dir, args.trainer_dtype)
     artifact = load_artifact(args.artifact)
-    soft = artifact.soft_prompt
-    encoded = encode_prompt_embeds(soft)
+    soft = read_tensors(artifact)["soft_prompt"]
+    encoded = encode_payload(artifact.payload(wire_dtype(artifact.manifest.dtype, None)))  # as the gateway sends it
     queries = [q for name in args.sets.split(",") for q in load_builtin_set(name).head(args.limit).queries]
     with httpx.Client(base_url=args.vllm_url, timeout=300) as client, ThreadPoolExecutor(8) as pool:
         served = list(pool.map(lambda q: served_tokens(client, args.served_name, encoded, q, args.max_tokens,

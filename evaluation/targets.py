@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from safeprompt.artifact import load_artifact
-from safeprompt.embeds import encode_prompt_embeds, safety_system_message
+from safeprompt.embeds import encode_payload, safety_system_message, wire_dtype
 from safeprompt.prompts import HUMAN_PROMPTS, VARIANT_SEPARATOR
 
 NO_PROMPT = "none"
@@ -66,8 +66,9 @@ class DirectTarget:
             if variant == NO_PROMPT:
                 continue
             if variant in artifacts:
-                # Serialised once here, not per request (as the gateway does at load time).
-                self._embeds[variant] = encode_prompt_embeds(load_artifact(artifacts[variant]).soft_prompt)
+                # The artifact's own payload, encoded once here (as the gateway does at load time).
+                artifact = load_artifact(artifacts[variant])
+                self._embeds[variant] = encode_payload(artifact.payload(wire_dtype(artifact.manifest.dtype, None)))
             elif variant in HUMAN_PROMPTS:
                 self._text[variant] = HUMAN_PROMPTS[variant]
             else:

@@ -3,8 +3,8 @@
 - A text variant becomes the system message's text.
 - A soft prompt becomes the system message whose content is exactly one `prompt_embeds` part; vLLM
   renders the model's chat template around it and expands its sentinel into the N rows, the same
-  positions the trainer optimised (see docs/architecture.md). The payload is serialised once, when
-  the artifact is loaded (`safeprompt.embeds.encode_prompt_embeds`), never per request.
+  positions the trainer optimised (see docs/architecture.md). The payload is the artifact's own
+  bytes (written by the trainer, checked and base64-encoded once at load time), never per request.
 - Every client `system` and `developer` message, wherever it stands, is handled by the configured
   policy (see `apply_safety_prompt`).
 - `build_upstream_body` is the whole request vLLM receives, built from the parsed request; it

@@ -24,7 +24,7 @@ from safeprompt.artifact import (
     load_artifact,
     read_model_info,
 )
-from safeprompt.embeds import encode_prompt_embeds
+from safeprompt.embeds import encode_payload, wire_dtype
 from safeprompt.prompts import HUMAN_PROMPTS, VARIANT_SEPARATOR
 
 logger = logging.getLogger("gateway.variants")
@@ -37,7 +37,7 @@ class Variant:
     name: str
     kind: Literal["none", "text", "soft"]
     text: str | None = None
-    encoded_embeds: str | None = None  # serialised once at load time
+    encoded_embeds: str | None = None  # the artifact's payload, base64-encoded once at load time
     num_virtual_tokens: int = 0
     manifest: Manifest | None = None
 
@@ -87,7 +87,7 @@ def load_model(config: ModelConfig) -> ServedModel:
         variants[name] = Variant(
             name=name,
             kind="soft",
-            encoded_embeds=encode_prompt_embeds(artifact.soft_prompt, serving_dtype),
+            encoded_embeds=encode_payload(artifact.payload(wire_dtype(artifact.manifest.dtype, serving_dtype))),
             num_virtual_tokens=artifact.manifest.num_virtual_tokens,
             manifest=artifact.manifest,
         )

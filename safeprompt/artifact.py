@@ -3,42 +3,66 @@
 An artifact is a directory holding
   - `manifest.json`: a `Manifest` (pydantic) with everything that is not a tensor: the base model,
     hidden size, number of virtual tokens, placement, chat-template hash, origin, configs, data
-    hashes and metrics;
+    hashes, metrics, and the serving payloads' file names, sizes and sha256;
   - `tensors.safetensors`: `soft_prompt` [num_virtual_tokens, hidden_size] and, for trained
     artifacts, the DRO geometry (`pca_mean` [hidden], `pca_components` [hidden, k], the refusal and
-    harmfulness probes `*_weight` [k] and `*_bias` [] in PCA space).
-Never pickle. Writes are atomic: a reader sees the old artifact or the complete new one.
+    harmfulness probes `*_weight` [k] and `*_bias` [] in PCA space);
+  - `prompt_embeds.<dtype>.pt` for float32, bfloat16 and float16: the soft prompt as vLLM's
+    prompt_embeds payload (`torch.save` bytes) in each dtype vLLM may compute in, written by the
+    trainer (`safeprompt.artifact_write`) from the same tensor.
+Never unpickled here. Writes are atomic: a reader sees the old artifact or the complete new one.
 
-This module knows nothing about HTTP or training; it imports torch and safetensors only.
+This module is the one reader, used by the gateway, the evaluation harness and the trainer alike;
+it imports no torch: shapes come from the safetensors header (`safeprompt.tensorfile`), and a
+payload is checked against its manifest hash and inspected as bytes (`safeprompt.payload`) before
+it is served. Format 1 artifacts (before payloads) are refused with the command that converts them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
 
-from safeprompt.files import atomic_directory, sha256_text
+from safeprompt.embeds import WIRE_DTYPES
+from safeprompt.files import sha256_text
+from safeprompt.payload import PayloadError, check_payload
+from safeprompt.tensorfile import TensorFileError, TensorInfo, read_header
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 SOFT_PROMPT_KEY = "soft_prompt"
 # The key in the soft-prompt files the DRO authors released (type.all_length.*.safetensors).
 RELEASED_KEY = "soft_prompt"
+CONVERT_COMMAND = "dro-trainer convert-artifact --artifact"
 
 Placement = Literal["system_message"]
 Origin = Literal["dro-trainer", "paper-release", "human-prompt-embedding", "test"]
 
 
+def payload_file_name(dtype: str) -> str:
+    return f"prompt_embeds.{dtype}.pt"
+
+
 class ArtifactError(ValueError):
     """An artifact is missing, malformed, or does not fit the model it is meant for."""
+
+
+class PayloadFile(BaseModel):
+    """One serving payload beside the tensors: its file name in the artifact, size and sha256."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    bytes: int = Field(gt=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class Manifest(BaseModel):
@@ -67,6 +91,8 @@ class Manifest(BaseModel):
     data_hashes: dict[str, str] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     notes: str = ""
+    # Serving payloads by wire dtype (all of WIRE_DTYPES); filled in by the writer.
+    payloads: dict[str, PayloadFile] = Field(default_factory=dict)
 
 
 class ModelInfo(BaseModel):
@@ -114,68 +140,90 @@ def read_model_info(model_dir: str | os.PathLike[str], name: str | None = None) 
     )
 
 
-class Artifact(BaseModel):
-    """A loaded artifact: manifest plus tensors (CPU)."""
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded artifact: its folder, manifest and the header of its tensors (no tensor data)."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
+    folder: Path
     manifest: Manifest
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, TensorInfo]
 
-    @property
-    def soft_prompt(self) -> torch.Tensor:
-        """[num_virtual_tokens, hidden_size]"""
-        return self.tensors[SOFT_PROMPT_KEY]
+    def payload(self, dtype: str) -> bytes:
+        """The soft prompt as vLLM's prompt_embeds payload in `dtype`: read, hash-checked, inspected."""
+        entry = self.manifest.payloads.get(dtype)
+        if entry is None:
+            raise ArtifactError(f"{self.folder}: no {dtype} payload in the manifest")
+        path = self.folder / entry.file
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"{path}: unreadable payload: {exc}") from None
+        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise ArtifactError(f"{path}: payload does not match the size and sha256 in the manifest")
+        shape = (self.manifest.num_virtual_tokens, self.manifest.hidden_size)
+        try:
+            check_payload(data, dtype=dtype, shape=shape, where=str(path))
+        except PayloadError as exc:
+            raise ArtifactError(str(exc)) from None
+        return data
 
 
-def _check_consistent(manifest: Manifest, tensors: dict[str, torch.Tensor], where: str) -> None:
-    if SOFT_PROMPT_KEY not in tensors:
+def check_header(manifest: Manifest, tensors: dict[str, TensorInfo], where: str) -> None:
+    """The soft prompt in the safetensors header agrees with the manifest (2-D, float, shape, dtype)."""
+    soft = tensors.get(SOFT_PROMPT_KEY)
+    if soft is None:
         raise ArtifactError(f"{where}: no '{SOFT_PROMPT_KEY}' tensor")
-    soft = tensors[SOFT_PROMPT_KEY]
-    if soft.ndim != 2:
-        raise ArtifactError(f"{where}: soft_prompt must be 2-D [tokens, hidden], got {tuple(soft.shape)}")
-    if not soft.is_floating_point():
-        raise ArtifactError(f"{where}: soft_prompt must be floating point, got {soft.dtype}")
-    if tuple(soft.shape) != (manifest.num_virtual_tokens, manifest.hidden_size):
+    if len(soft.shape) != 2:
+        raise ArtifactError(f"{where}: soft_prompt must be 2-D [tokens, hidden], got {soft.shape}")
+    if soft.shape != (manifest.num_virtual_tokens, manifest.hidden_size):
         raise ArtifactError(
-            f"{where}: soft_prompt shape {tuple(soft.shape)} does not match the manifest "
+            f"{where}: soft_prompt shape {soft.shape} does not match the manifest "
             f"({manifest.num_virtual_tokens}, {manifest.hidden_size})"
         )
-    if not torch.isfinite(soft).all():
-        raise ArtifactError(f"{where}: soft_prompt contains NaN or Inf")
-
-
-def save_artifact(path: str | os.PathLike[str], manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write an artifact directory atomically (temp dir + rename); replace an existing one."""
-    target = Path(path)
-    _check_consistent(manifest, tensors, str(target))
-    with atomic_directory(target) as staging:
-        # safetensors needs contiguous, non-shared storage: clone each tensor.
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(staging / TENSORS_FILE))
-        (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
-        for file in staging.iterdir():
-            os.chmod(file, 0o644)
-    return target
+    if soft.dtype != manifest.dtype:
+        raise ArtifactError(f"{where}: soft_prompt is stored as {soft.dtype}, the manifest says {manifest.dtype}")
 
 
 def load_artifact(path: str | os.PathLike[str]) -> Artifact:
-    """Read and self-check an artifact directory; ArtifactError says what is wrong."""
+    """Read and self-check an artifact directory; ArtifactError says what is wrong.
+
+    Checks the manifest, the safetensors header against it, and that every payload the manifest
+    names is there with its recorded size; `Artifact.payload` checks a payload's hash and content.
+    """
     folder = Path(path)
     manifest_path, tensors_path = folder / MANIFEST_FILE, folder / TENSORS_FILE
     if not manifest_path.is_file() or not tensors_path.is_file():
         raise ArtifactError(f"{folder} is not an artifact: needs {MANIFEST_FILE} and {TENSORS_FILE}")
     try:
-        manifest = Manifest.model_validate_json(manifest_path.read_text())
+        raw = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path}: invalid manifest: not JSON: {exc}") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version == 1:
+        raise ArtifactError(
+            f"{folder} is a format 1 artifact, which carries no serving payloads; convert it once "
+            f"with `{CONVERT_COMMAND} {folder}` (the trainer's install: it needs torch)"
+        )
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"{manifest_path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    try:
+        manifest = Manifest.model_validate(raw)
     except ValueError as exc:
         raise ArtifactError(f"{manifest_path}: invalid manifest: {exc}") from None
-    if manifest.format_version != FORMAT_VERSION:
-        raise ArtifactError(f"{manifest_path}: format_version {manifest.format_version}, expected {FORMAT_VERSION}")
     try:
-        tensors = load_file(str(tensors_path))
-    except Exception as exc:  # safetensors raises its own error types
+        tensors = read_header(tensors_path)
+    except (TensorFileError, OSError) as exc:
         raise ArtifactError(f"{tensors_path}: unreadable safetensors: {exc}") from None
-    _check_consistent(manifest, tensors, str(folder))
-    return Artifact(manifest=manifest, tensors=tensors)
+    check_header(manifest, tensors, str(folder))
+    if set(manifest.payloads) != set(WIRE_DTYPES):
+        raise ArtifactError(
+            f"{manifest_path}: payloads for {sorted(manifest.payloads)}, expected {sorted(WIRE_DTYPES)}"
+        )
+    for dtype, entry in manifest.payloads.items():
+        file = folder / entry.file
+        if entry.file != payload_file_name(dtype) or not file.is_file() or file.stat().st_size != entry.bytes:
+            raise ArtifactError(f"{folder}: the {dtype} payload {entry.file} is missing or not {entry.bytes} bytes")
+    return Artifact(folder=folder, manifest=manifest, tensors=tensors)
 
 
 def check_artifact_fits(artifact: Artifact, model: ModelInfo) -> None:
@@ -196,41 +244,3 @@ def check_artifact_fits(artifact: Artifact, model: ModelInfo) -> None:
             f"(for {m.base_model}), but served model '{model.name}' has chat template "
             f"{model.chat_template_sha256[:12]}…: the soft prompt would sit in different surroundings"
         )
-
-
-def import_released(
-    released_file: str | os.PathLike[str],
-    *,
-    name: str,
-    base_model: str,
-    model: ModelInfo,
-    init_prompt: str | None = None,
-) -> tuple[Manifest, dict[str, torch.Tensor]]:
-    """Wrap a soft prompt released by the DRO authors (one key `soft_prompt`, [n, hidden], bf16).
-
-    The user names the model it belongs to (`base_model`, `model`); the file itself does not say.
-    The chat-template hash is taken from that model, and the shape is checked against it.
-    """
-    try:
-        tensors = load_file(str(released_file))
-    except Exception as exc:
-        raise ArtifactError(f"{released_file}: unreadable safetensors: {exc}") from None
-    if set(tensors) != {RELEASED_KEY}:
-        raise ArtifactError(f"{released_file}: expected exactly one tensor '{RELEASED_KEY}', found {sorted(tensors)}")
-    soft = tensors[RELEASED_KEY]
-    if soft.ndim != 2:
-        raise ArtifactError(f"{released_file}: '{RELEASED_KEY}' must be [n, hidden], got {tuple(soft.shape)}")
-    manifest = Manifest(
-        name=name,
-        base_model=base_model,
-        hidden_size=int(soft.shape[1]),
-        num_virtual_tokens=int(soft.shape[0]),
-        chat_template_sha256=model.chat_template_sha256,
-        dtype=str(soft.dtype).removeprefix("torch."),
-        origin="paper-release",
-        init_prompt=init_prompt,
-        notes=f"imported from {Path(released_file).name}",
-    )
-    artifact = Artifact(manifest=manifest, tensors={SOFT_PROMPT_KEY: soft})
-    check_artifact_fits(artifact, model)
-    return manifest, {SOFT_PROMPT_KEY: soft}

@@ -2,7 +2,8 @@
 
 Stages: label, extract, fit, optimize, export; `all` (alias `run`) chains them, each resuming from
 its outputs in the run directory. `import-released` wraps a soft prompt released by the DRO authors
-into the artifact format for a model the user names. Errors are mapped to one-line messages and
+into the artifact format for a model the user names; `convert-artifact` brings an artifact of an
+earlier format (1: no serving payloads) to the current one, in place. Errors are mapped to one-line messages and
 exit code 2 here, in one place.
 
 Examples:
@@ -11,6 +12,7 @@ Examples:
   python -m trainer fit --run-dir runs/x --force
   python -m trainer import-released --file type.all_length.default.safetensors --model-dir MODEL \
       --name dro-paper --out artifacts/x
+  python -m trainer convert-artifact --artifact artifacts/old/dro
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-STAGE_CHOICES = ("label", "extract", "fit", "optimize", "export", "all", "run", "import-released")
+STAGE_CHOICES = ("label", "extract", "fit", "optimize", "export", "all", "run", "import-released", "convert-artifact")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-model", help="model name recorded in the manifest (import-released)")
     parser.add_argument("--init-prompt", choices=("default", "short", "mistral"), help="(import-released)")
     parser.add_argument("--out", type=Path, help="artifact directory (import-released)")
+    parser.add_argument("--artifact", type=Path, help="artifact directory to convert in place (convert-artifact)")
     return parser.parse_args(argv)
 
 
@@ -104,7 +107,8 @@ def run_stages(stage: str, config, show_progress: bool) -> None:
 
 
 def import_released_command(args: argparse.Namespace) -> None:
-    from safeprompt.artifact import import_released, read_model_info, save_artifact
+    from safeprompt.artifact import read_model_info
+    from safeprompt.artifact_write import import_released, save_artifact
 
     if not (args.file and args.model_dir and args.out):
         raise ValueError("import-released needs --file, --model-dir and --out")
@@ -113,6 +117,14 @@ def import_released_command(args: argparse.Namespace) -> None:
     manifest, tensors = import_released(args.file, name=args.name, base_model=args.base_model or info.name,
                                         model=info, init_prompt=args.init_prompt)
     print(save_artifact(args.out, manifest, tensors))
+
+
+def convert_artifact_command(args: argparse.Namespace) -> None:
+    from safeprompt.artifact_write import convert_artifact
+
+    if not args.artifact:
+        raise ValueError("convert-artifact needs --artifact DIR")
+    print(convert_artifact(args.artifact))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.stage == "import-released":
             import_released_command(args)
+        elif args.stage == "convert-artifact":
+            convert_artifact_command(args)
         else:
             run_stages(args.stage, build_config(args), not args.no_progress)
     except ValidationError as exc:

@@ -1,4 +1,4 @@
-"""Export stage: the run's outputs -> one gateway artifact (`safeprompt.artifact.save_artifact`, atomic).
+"""Export stage: the run's outputs -> one gateway artifact (`safeprompt.artifact_write.save_artifact`, atomic).
 
 The manifest records the configs, data hashes, label balance, fit and training metrics, stage
 timings and `forced`. The chat-template hash is the one `safeprompt.artifact.read_model_info` computes
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from safeprompt.artifact import Manifest, read_model_info, save_artifact
+from safeprompt.artifact import Manifest, read_model_info
+from safeprompt.artifact_write import save_artifact
 from safeprompt.files import sha256_text
 from trainer import store
 from trainer.config import RunConfig

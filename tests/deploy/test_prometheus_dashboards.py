@@ -112,7 +112,8 @@ class Traffic:
 def write_soft_prompt_artifact(model_dir: Path, target: Path, rows: int = 4) -> Path:
     import torch
 
-    from safeprompt.artifact import Manifest, read_model_info, save_artifact
+    from safeprompt.artifact import Manifest, read_model_info
+    from safeprompt.artifact_write import save_artifact
 
     info = read_model_info(model_dir)
     manifest = Manifest(name="dro", base_model=str(model_dir), hidden_size=info.hidden_size,

@@ -23,7 +23,8 @@ from evaluation.cache import ResultCache
 from evaluation.config import EvalConfig
 from evaluation.harness import ANSWERS_FILE, evaluate
 from safeprompt import judge as judges
-from safeprompt.artifact import Manifest, read_model_info, save_artifact
+from safeprompt.artifact import Manifest, read_model_info
+from safeprompt.artifact_write import save_artifact
 from safeprompt.judge import Verdict
 from tests.conftest import default_model_config
 from tests.metrics_text import metric_total

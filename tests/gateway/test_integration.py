@@ -8,6 +8,7 @@ direct vLLM call with the same messages.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +21,16 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from safeprompt.artifact import Manifest, read_model_info, save_artifact
-from safeprompt.embeds import encode_prompt_embeds
+from safeprompt.artifact import Manifest, read_model_info
+from safeprompt.artifact_write import save_artifact
+from safeprompt.embeds import encode_payload, wire_dtype
 from safeprompt.prompts import SHORT_SYSTEM_PROMPT
 from tests.conftest import default_model_config
 from trainer.chat import find_prompt_span, prepare_tokenizer_for_splice
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 QUESTION = "How do I bake bread?"
 GREEDY = {"temperature": 0, "max_tokens": 12}
@@ -53,8 +57,11 @@ def oracle_artifact(vllm_server, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def soft_gateway(gateway_factory, vllm_server, oracle_artifact):
+    """Runs as in its image: torch, numpy and safetensors cannot be imported (tests/no_torch)."""
+    no_torch = os.pathsep.join([str(ROOT / "tests" / "no_torch"), str(ROOT)])
     return gateway_factory(models=[default_model_config(vllm_server, artifacts={"oracle": str(oracle_artifact)},
-                                                        default_variant="oracle")])
+                                                        default_variant="oracle")],
+                           env={"PYTHONPATH": no_torch})
 
 
 def _chat(client: openai.OpenAI, model: str, messages=None, **fields):
@@ -165,7 +172,8 @@ SYSTEM = {"role": "system", "content": "Answer in French."}
 def test_system_policy_prepend_matches_direct_vllm(soft_gateway, vllm_server, oracle_artifact) -> None:
     from safeprompt.artifact import load_artifact
 
-    encoded = encode_prompt_embeds(load_artifact(oracle_artifact).soft_prompt)
+    artifact = load_artifact(oracle_artifact)
+    encoded = encode_payload(artifact.payload(wire_dtype(artifact.manifest.dtype, None)))
     direct = openai.OpenAI(base_url=f"{vllm_server.base_url}/v1", api_key="x", max_retries=0)
     expected = direct.chat.completions.create(
         model=vllm_server.served_name, **GREEDY,
@@ -214,7 +222,7 @@ def test_mismatched_artifact_stops_startup_with_a_clear_message(vllm_server, tmp
 
 def test_released_paper_file_is_served(gateway_factory, vllm_server, tmp_path) -> None:
     """The authors' release format (one bf16 key `soft_prompt`) imported for the named model."""
-    from safeprompt.artifact import import_released
+    from safeprompt.artifact_write import import_released
 
     released = tmp_path / "type.all_length.short.safetensors"
     save_file({"soft_prompt": torch.randn(5, 256).to(torch.bfloat16)}, str(released))

@@ -15,14 +15,8 @@ from safetensors.torch import save_file
 from gateway.errors import ModelNotFound
 from gateway.settings import ModelConfig
 from gateway.variants import load_model, resolve_variant, split_choice
-from safeprompt.artifact import (
-    ArtifactError,
-    Manifest,
-    import_released,
-    load_artifact,
-    read_model_info,
-    save_artifact,
-)
+from safeprompt.artifact import ArtifactError, Manifest, read_model_info
+from safeprompt.artifact_write import import_released, read_tensors, save_artifact
 from safeprompt.files import sha256_text
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
@@ -146,6 +140,20 @@ def test_soft_prompts_are_sent_in_the_dtype_vllm_computes_in(tmp_path: Path, che
     path = _artifact(tmp_path, "dro")
     model = load_model(ModelConfig(name="m", model_path=folder, artifacts={"dro": path}, embeds_dtype=setting))
     sent = _sent(model)
-    trained = load_artifact(path).soft_prompt
+    trained = read_tensors(path)["soft_prompt"]
     assert sent.dtype == expected
     assert torch.equal(sent, trained.to(expected))
+
+
+def test_the_gateway_refuses_a_tampered_payload_and_an_unconverted_artifact(tmp_path: Path) -> None:
+    model_dir, path = _model_dir(tmp_path), _artifact(tmp_path, "dro")
+    payload = path / "prompt_embeds.float32.pt"
+    original = payload.read_bytes()
+    payload.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(ArtifactError, match="prompt_embeds.float32.pt: payload does not match"):
+        load_model(ModelConfig(name="m", model_path=model_dir, artifacts={"dro": path}))
+    payload.write_bytes(original)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(ArtifactError, match="format 1 artifact.*convert-artifact"):
+        load_model(ModelConfig(name="m", model_path=model_dir, artifacts={"dro": path}))

@@ -8,7 +8,8 @@ import pybase64
 import pytest
 import torch
 
-from safeprompt.embeds import WIRE_DTYPES, encode_prompt_embeds, prompt_embeds_part, safety_system_message, wire_dtype
+from safeprompt.embeds import prompt_embeds_part, safety_system_message, wire_dtype
+from safeprompt.torch_payload import TORCH_DTYPES, encode_prompt_embeds
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -51,17 +52,18 @@ def _decode(encoded: str) -> torch.Tensor:
 def test_prompt_embeds_sent_in_the_serving_dtype_are_what_the_server_would_cast_to(serving: str) -> None:
     trained = torch.randn(16, 512)  # float32, as the trainer writes it
     sent = _decode(encode_prompt_embeds(trained, serving))
-    assert sent.dtype == WIRE_DTYPES[serving]
+    assert sent.dtype == TORCH_DTYPES[serving]
     # vLLM casts what it receives to the dtype it computes in: one rounding, the same as here.
-    assert torch.equal(sent.to(WIRE_DTYPES[serving]), trained.to(WIRE_DTYPES[serving]))
+    assert torch.equal(sent.to(TORCH_DTYPES[serving]), trained.to(TORCH_DTYPES[serving]))
     if serving != "float32":
         assert len(encode_prompt_embeds(trained, serving)) < 0.6 * len(encode_prompt_embeds(trained))
 
 
 def test_wire_dtype_never_invents_a_third_dtype() -> None:
-    assert wire_dtype(torch.float32, None) == torch.float32
-    assert wire_dtype(torch.bfloat16, None) == torch.bfloat16
-    assert wire_dtype(torch.float16, None) == torch.float32
-    assert wire_dtype(torch.float32, "bfloat16") == torch.bfloat16
+    assert wire_dtype("float32", None) == "float32"
+    assert wire_dtype("bfloat16", None) == "bfloat16"
+    assert wire_dtype("float16", None) == "float32"
+    assert wire_dtype("float64", None) == "float32"
+    assert wire_dtype("float32", "bfloat16") == "bfloat16"
     with pytest.raises(ValueError):
-        wire_dtype(torch.float32, "int8")
+        wire_dtype("float32", "int8")

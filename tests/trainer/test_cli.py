@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safeprompt.artifact import (ArtifactError, check_artifact_fits, load_artifact, read_model_info)
+from safeprompt.artifact import ArtifactError, check_artifact_fits, load_artifact, read_model_info
+from safeprompt.artifact_write import read_tensors
 from safeprompt.files import sha256_text
 from trainer.__main__ import main
 
@@ -60,7 +61,8 @@ def test_forced_artifact_round_trips_into_the_gateway_loader(trained_run, tiny_m
     assert m.forced and m.origin == "dro-trainer" and m.init_prompt == "short" and m.dtype == "bfloat16"
     assert m.chat_template_sha256 == info.chat_template_sha256 == sha256_text(
         AutoTokenizer.from_pretrained(tiny_model_dir).chat_template)
-    assert artifact.soft_prompt.shape == (m.num_virtual_tokens, 256) and artifact.soft_prompt.dtype == torch.bfloat16
+    soft = read_tensors(artifact)["soft_prompt"]
+    assert soft.shape == (m.num_virtual_tokens, 256) and soft.dtype == torch.bfloat16
     assert artifact.tensors["pca_components"].shape == (256, 4) and artifact.tensors["refusal_bias"].shape == ()
     assert m.configs["optimize"]["epochs"] == 2 and len(m.data_hashes) == 2 and m.metrics["steps"] == 2
     # Extract and optimize both ran in bf16, so the reference states are reused and step 1 (θ = θ0)
@@ -141,8 +143,9 @@ def test_import_released_wraps_a_bf16_file(tiny_model_dir, tmp_path, capsys):
                  "--name", "dro-paper", "--init-prompt", "short", "--out", str(out)]) == 0
     artifact = load_artifact(out)
     check_artifact_fits(artifact, read_model_info(tiny_model_dir))
-    assert artifact.manifest.origin == "paper-release" and artifact.soft_prompt.dtype == torch.bfloat16
-    assert artifact.soft_prompt.shape == (23, 256)
+    soft = read_tensors(artifact)["soft_prompt"]
+    assert artifact.manifest.origin == "paper-release" and soft.dtype == torch.bfloat16
+    assert soft.shape == (23, 256)
     wrong = tmp_path / "wrong.safetensors"
     save_file({"soft_prompt": torch.randn(23, 4096).bfloat16()}, str(wrong))
     assert main(["import-released", "--file", str(wrong), "--model-dir", str(tiny_model_dir),

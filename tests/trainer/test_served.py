@@ -8,8 +8,10 @@ import httpx
 import pytest
 import torch
 
-from safeprompt.artifact import Manifest, read_model_info, save_artifact
-from safeprompt.embeds import encode_prompt_embeds, prompt_embeds_part
+from safeprompt.artifact import Manifest, read_model_info
+from safeprompt.artifact_write import save_artifact
+from safeprompt.embeds import prompt_embeds_part
+from safeprompt.torch_payload import encode_prompt_embeds
 from trainer.chat import build_spliced_batch, embed_spliced_batch
 from trainer.model import greedy_generate
 
