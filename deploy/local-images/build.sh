@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build every image of the stack on a machine that reaches no image registry (PyPI and Debian only).
 #
-#   deploy/local-images/build.sh            # bases, then gateway, trainer and vLLM-CPU images
-#   deploy/local-images/build.sh bases      # only the local stand-ins for the base images
+#   deploy/local-images/build.sh              # bases, then the gateway, trainer and vLLM-CPU images
+#   deploy/local-images/build.sh bases        # only the local stand-ins for the base images
+#   deploy/local-images/build.sh gateway      # bases if missing, then one image (or trainer, vllm-cpu)
 #
 # The Dockerfiles and docker-compose.yml name official images (python:3.11-slim-bookworm,
 # prom/prometheus) and stay that way for users. Where none can be pulled, this script builds
@@ -82,28 +83,27 @@ serve_wheels() {
     log "the wheel server did not start"; exit 1
 }
 
-build_images() {
+# docker build with the stand-in base; the classic builder, because BuildKit needs the buildx
+# plugin on Docker's newer clients and its `# syntax=` line would fetch a frontend from a registry.
+build() {
     local torch_args=()
-    if [ -d "$WHEELS" ]; then
+    if [ -n "${WHEEL_SERVER:-}" ]; then
         torch_args=(--build-arg "TORCH_FIND_LINKS=http://127.0.0.1:$WHEEL_PORT/"
                     --build-arg "TORCH_INDEX_URL=https://pypi.org/simple")
     fi
-    cd "$ROOT"
-    # The classic builder: BuildKit needs the buildx plugin on Docker's newer clients, and its
-    # `# syntax=` line would fetch a frontend image from a registry.
-    export DOCKER_BUILDKIT=0
-    log "gateway image dro-gateway:local"
-    docker build --network host --build-arg "PYTHON_IMAGE=$PYTHON_BASE" -t dro-gateway:local .
-    log "trainer image dro-trainer:local"
-    docker build --network host --build-arg "PYTHON_IMAGE=$PYTHON_BASE" "${torch_args[@]}" \
-        -f Dockerfile.trainer -t dro-trainer:local .
-    log "vLLM CPU image dro-vllm-cpu:0.32.0"
-    docker build --network host --build-arg "PYTHON_IMAGE=$PYTHON_BASE" "${torch_args[@]}" \
-        -f Dockerfile.vllm-cpu -t dro-vllm-cpu:0.32.0 .
+    (cd "$ROOT" && DOCKER_BUILDKIT=0 docker build --network host --build-arg "PYTHON_IMAGE=$PYTHON_BASE" \
+        "${torch_args[@]}" "$@" .)
 }
+
+build_gateway() { log "gateway image dro-gateway:local"; build -t dro-gateway:local; }
+build_trainer() { log "trainer image dro-trainer:local"; build -f Dockerfile.trainer -t dro-trainer:local; }
+build_vllm_cpu() { log "vLLM CPU image dro-vllm-cpu:0.32.0"; build -f Dockerfile.vllm-cpu -t dro-vllm-cpu:0.32.0; }
 
 case "$WHAT" in
     bases) build_bases ;;
-    all) build_bases; serve_wheels; build_images ;;
-    *) log "usage: $0 [all|bases]"; exit 2 ;;
+    gateway) build_bases; build_gateway ;;
+    trainer) build_bases; serve_wheels; build_trainer ;;
+    vllm-cpu) build_bases; serve_wheels; build_vllm_cpu ;;
+    all) build_bases; build_gateway; serve_wheels; build_trainer; build_vllm_cpu ;;
+    *) log "usage: $0 [all|bases|gateway|trainer|vllm-cpu]"; exit 2 ;;
 esac
