@@ -46,10 +46,29 @@ def start_once(image: str, artifacts: Path, config: Path) -> tuple[float, float]
     port = free_port()
     started = time.monotonic()
     container = subprocess.run(
-        ["docker", "run", "-d", "--rm", "--network", "host", "-e", "GATEWAY_CONFIG=/etc/gw/config.yaml",
-         "-v", f"{config}:/etc/gw/config.yaml:ro", "-v", f"{artifacts}:/artifacts:ro", image,
-         "--host", "127.0.0.1", "--port", str(port)],
-        capture_output=True, text=True, check=True).stdout.strip()
+        [
+            "docker",
+            "run",
+            "-d",
+            "--rm",
+            "--network",
+            "host",
+            "-e",
+            "GATEWAY_CONFIG=/etc/gw/config.yaml",
+            "-v",
+            f"{config}:/etc/gw/config.yaml:ro",
+            "-v",
+            f"{artifacts}:/artifacts:ro",
+            image,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     try:
         while True:
             try:
@@ -62,8 +81,16 @@ def start_once(image: str, artifacts: Path, config: Path) -> tuple[float, float]
                 raise RuntimeError(f"{image} did not start: {logs.stderr[-2000:]}")
             time.sleep(0.02)
         elapsed = time.monotonic() - started
-        stats = subprocess.run(["docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", container],
-                               capture_output=True, text=True, check=True).stdout.split("/")[0].strip()
+        stats = (
+            subprocess.run(
+                ["docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", container],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.split("/")[0]
+            .strip()
+        )
         return elapsed, to_mib(stats)
     finally:
         subprocess.run(["docker", "rm", "-f", container], capture_output=True)
@@ -101,12 +128,15 @@ def main() -> int:
                 print(f"run {run + 1} {name}: {seconds:.2f} s, {mib} MiB", file=sys.stderr, flush=True)
     result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "runs": args.runs, "images": {}}
     for name in images:
-        size = subprocess.run(["docker", "image", "inspect", "--format", "{{.Size}}", name],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        size = subprocess.run(
+            ["docker", "image", "inspect", "--format", "{{.Size}}", name], capture_output=True, text=True, check=True
+        ).stdout.strip()
         values = sorted(timings[name])
         result["images"][name] = {
-            "size_mb": round(int(size) / 1e6), "startup_s_min": round(values[0], 2),
-            "startup_s_median": round(statistics.median(values), 2), "startup_s_max": round(values[-1], 2),
+            "size_mb": round(int(size) / 1e6),
+            "startup_s_min": round(values[0], 2),
+            "startup_s_median": round(statistics.median(values), 2),
+            "startup_s_max": round(values[-1], 2),
             "rss_mib_median": statistics.median(memory[name]),
         }
     text = json.dumps(result, indent=2)

@@ -18,8 +18,9 @@ import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from gateway.auth import bearer_matches
 from gateway.completions import ROUTE, create_chat_completion
-from gateway.errors import install_error_handlers
+from gateway.errors import Unauthorized, install_error_handlers
 from gateway.service import Service, build_service, get_service
 from gateway.settings import Settings
 from safeprompt.prompts import VARIANT_SEPARATOR
@@ -85,20 +86,26 @@ async def health() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-async def ready(service: ServiceDependency) -> JSONResponse:
-    """Readiness: artifacts are loaded (they were at build time) and an upstream answers /health."""
+async def ready(request: Request, service: ServiceDependency) -> JSONResponse:
+    """Readiness: artifacts are loaded (they were at build time) and an upstream answers /health.
+
+    The details (upstream URLs and errors, models) only with the metrics token, when one is set."""
     pool = service.pool
     if not pool.any_healthy:
         await pool.check_health()
-    upstreams = [{"url": u.url, "healthy": u.healthy, "error": u.last_error} for u in pool.upstreams]
-    models = {name: sorted(model.variants) for name, model in service.models.items()}
     ok = pool.any_healthy
-    return JSONResponse(
-        {"status": "ready" if ok else "not_ready", "upstreams": upstreams, "models": models},
-        status_code=200 if ok else 503,
-    )
+    body: dict[str, object] = {"status": "ready" if ok else "not_ready"}
+    token = service.settings.metrics_token_sha256
+    if token is None or bearer_matches(request.headers.get("authorization"), token):
+        body["upstreams"] = [{"url": u.url, "healthy": u.healthy, "error": u.last_error} for u in pool.upstreams]
+        body["models"] = {name: sorted(model.variants) for name, model in service.models.items()}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
-async def serve_metrics(service: ServiceDependency) -> Response:
+async def serve_metrics(request: Request, service: ServiceDependency) -> Response:
+    """Prometheus exposition; 401 without the metrics token when one is set."""
+    token = service.settings.metrics_token_sha256
+    if token is not None and not bearer_matches(request.headers.get("authorization"), token):
+        raise Unauthorized("/metrics needs the metrics token: 'Authorization: Bearer TOKEN'")
     body, content_type = service.metrics.render()
     return Response(body, media_type=content_type)

@@ -37,6 +37,13 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def bearer_matches(authorization: str | None, sha256_hex: str) -> bool:
+    """Whether `Authorization: Bearer TOKEN` carries the token whose hex sha256 is given (constant time)."""
+    scheme, _, presented = (authorization or "").partition(" ")
+    digest = hashlib.sha256(presented.strip().encode("utf-8")).digest()
+    return scheme.lower() == "bearer" and hmac.compare_digest(digest, bytes.fromhex(sha256_hex))
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """A configured key: its holder's name, its digest, its grants as (model, variant) patterns."""
@@ -96,6 +103,11 @@ class KeyRing:
         digests = [config.sha256 for config in configs]
         if len(digests) != len(set(digests)):
             raise ValueError("the same API key is configured twice")
+        if settings.require_api_keys and not configs:
+            raise ValueError(
+                "require_api_keys is set but no API key is configured: add api_keys or api_keys_file "
+                "(docs/security.md, 'API keys')"
+            )
         keys = [
             ApiKey(
                 name=config.name,

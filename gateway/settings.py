@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     # caller, for every variant (`make serve` on loopback); compose and Kubernetes must set keys.
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     api_keys_file: Path | None = Field(default=None, description="YAML list of api_keys entries, read at startup")
+    # Refuse to start without a client API key. Compose and Kubernetes set it: there an open gateway
+    # on a published port is a misconfiguration, never a default.
+    require_api_keys: bool = False
+    # sha256 of the bearer token /metrics requires, and /ready requires for its details (upstream
+    # URLs and errors, models; without it only the status): for Prometheus and operators, not
+    # clients. None = both open, as a loopback `make serve` needs. printf %s TOKEN | sha256sum
+    metrics_token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     connect_timeout_s: float = 5.0
     # Longest silence allowed between two bytes from vLLM (a non-streaming answer is one wait).
     read_timeout_s: float = 300.0

@@ -24,6 +24,17 @@ class InterpolationError(ValueError):
     """A required variable is missing (`${VAR:?message}`) or a `$` expression is malformed."""
 
 
+# What a user's .env holds beyond .env.example once scripts/compose_secrets.py ran and the Grafana
+# password is set: the values every required variable gets in the tests.
+TEST_SECRETS = {
+    "GRAFANA_ADMIN_PASSWORD": "test-password",
+    "VLLM_API_KEY": "test-key",
+    "GATEWAY_METRICS_TOKEN_SHA256": "0" * 64,
+    "API_KEYS_FILE": "/secrets/api-keys.yaml",
+    "METRICS_TOKEN_FILE": "/secrets/metrics-token",
+}
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=VALUE lines of a .env file; comments and blank lines ignored, quotes stripped."""
     values: dict[str, str] = {}

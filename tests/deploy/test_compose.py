@@ -17,6 +17,7 @@ from gateway.settings import Settings
 from stack.processes import vllm_command, vllm_env
 from stack.serve import MODEL_NAME, gateway_config
 from tests.deploy.compose_model import (
+    TEST_SECRETS,
     InterpolationError,
     active_services,
     bind_mounts,
@@ -39,6 +40,10 @@ VLLM_SERVICES = ("vllm", "vllm-cpu")
 # Host paths the user provides (a model folder, trained artifacts); everything else mounted is in
 # the repository.
 USER_DATA_VARIABLES = {"MODEL_DIR", "ARTIFACTS_DIR"}
+# Host files scripts/compose_secrets.py writes (outside the repository's tracked files).
+SECRET_FILE_VARIABLES = {"API_KEYS_FILE", "METRICS_TOKEN_FILE"}
+# Every variable compose refuses to start without.
+REQUIRED_SECRETS = {"GRAFANA_ADMIN_PASSWORD", "VLLM_API_KEY", "GATEWAY_METRICS_TOKEN_SHA256", *SECRET_FILE_VARIABLES}
 # Read by the compose CLI itself, not interpolated into the file.
 COMPOSE_CLI_VARIABLES = {"COMPOSE_PROFILES"}
 # Flags the GPU service adds to the native command (the native stack runs on CPU only).
@@ -48,7 +53,7 @@ GPU_ONLY_ARGS = ("--tensor-parallel-size", "--gpu-memory-utilization")
 def example_env(**overrides: str) -> dict[str, str]:
     """.env.example with its required secrets filled in, as a user's .env would be."""
     env = read_env_file(ENV_EXAMPLE)
-    env.update(GRAFANA_ADMIN_PASSWORD="test-password", VLLM_API_KEY="test-key")
+    env.update(TEST_SECRETS)
     env.update(overrides)
     return env
 
@@ -96,9 +101,10 @@ def test_env_example_documents_exactly_the_variables_compose_reads() -> None:
 
 def test_required_secrets_stop_compose_until_set() -> None:
     env = read_env_file(ENV_EXAMPLE)
-    assert env["GRAFANA_ADMIN_PASSWORD"] == ""
-    with pytest.raises(InterpolationError, match="GRAFANA_ADMIN_PASSWORD"):
-        load_compose(COMPOSE, env)
+    for name in sorted(REQUIRED_SECRETS):
+        assert env[name] == "", name
+        with pytest.raises(InterpolationError, match=name):
+            load_compose(COMPOSE, example_env(**{name: ""}))
     grafana = load_compose(COMPOSE, example_env())["services"]["grafana"]
     assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "test-password"
     assert "${GRAFANA_ADMIN_PASSWORD:?" in COMPOSE.read_text()
@@ -199,11 +205,35 @@ def test_every_mounted_path_exists_and_is_read_only(compose) -> None:
             assert mount.read_only, f"{name}: host path {mount.source} must be mounted :ro"
             variables = set(referenced_variables(raw_volume))  # only a source can hold one
             if variables:
-                assert variables <= USER_DATA_VARIABLES, f"{name}: {raw_volume}"
+                assert variables <= USER_DATA_VARIABLES | SECRET_FILE_VARIABLES, f"{name}: {raw_volume}"
                 user_data_seen |= variables
                 continue
             assert (REPO / mount.source).exists(), f"{name} mounts {mount.source}, which does not exist"
-    assert user_data_seen == USER_DATA_VARIABLES
+    assert user_data_seen == USER_DATA_VARIABLES | SECRET_FILE_VARIABLES
+
+
+def test_the_gateway_requires_keys_and_the_metrics_token_that_only_prometheus_holds(compose) -> None:
+    gateway, prometheus = compose["services"]["gateway"], compose["services"]["prometheus"]
+    environment = gateway["environment"]
+    assert environment["GATEWAY_REQUIRE_API_KEYS"] == "true"
+    keys_mount = {m.target: m.source for m in bind_mounts(gateway)}
+    assert keys_mount[environment["GATEWAY_API_KEYS_FILE"]] == "/secrets/api-keys.yaml"
+    assert environment["GATEWAY_METRICS_TOKEN_SHA256"] == "0" * 64
+    scrape = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in scrape["scrape_configs"] if j["job_name"] == "gateway")
+    token_mount = {m.target: m.source for m in bind_mounts(prometheus)}
+    assert token_mount[job["authorization"]["credentials_file"]] == "/secrets/metrics-token"
+    holders = [name for name, service in compose["services"].items()
+               if "/secrets/metrics-token" in {m.source for m in bind_mounts(service)}]
+    assert holders == ["prometheus"]
+
+
+def test_only_vllm_and_the_gateway_hold_vllms_key(compose) -> None:
+    holders = sorted(name for name, service in compose["services"].items()
+                     if "test-key" in (service.get("environment") or {}).values())
+    assert holders == ["gateway", "vllm", "vllm-cpu"]
+    for name in VLLM_SERVICES:
+        assert compose["services"][name]["environment"]["VLLM_API_KEY"] == "test-key"
 
 
 def test_named_volumes_are_declared_and_hold_the_hf_cache(compose) -> None:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.deploy.compose_model import (
+    TEST_SECRETS,
     active_services,
     bind_mounts,
     hosts_on_network,
@@ -30,7 +31,7 @@ PROFILES = {"gpu": "vllm", "cpu": "vllm-cpu"}
 @pytest.fixture(scope="module")
 def compose() -> dict:
     env = read_env_file(REPO / ".env.example")
-    env.update(GRAFANA_ADMIN_PASSWORD="test-password")
+    env.update(TEST_SECRETS)
     return load_compose(REPO / "docker-compose.yml", env)
 
 

@@ -33,12 +33,21 @@ def test_prometheus_scrapes_gateway_and_vllm() -> None:
     assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
 
 
-def test_promtool_accepts_config() -> None:
+def test_promtool_accepts_config(tmp_path: Path) -> None:
+    """promtool also checks that the gateway job's token file exists: given one where compose mounts it."""
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: install the Debian package prometheus (make test does)"
-    result = subprocess.run([promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")],
-                            capture_output=True, text=True)
+    text = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    token = tmp_path / "gateway-metrics-token"
+    token.write_text("token\n")
+    assert text.count("/etc/prometheus/gateway-metrics-token") == 1
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text.replace("/etc/prometheus/gateway-metrics-token", str(token)))
+    result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    token.unlink()
+    missing = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True)
+    assert missing.returncode != 0
 
 
 def test_grafana_datasource_and_provider() -> None:

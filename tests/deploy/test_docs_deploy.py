@@ -19,6 +19,7 @@ import yaml
 
 from gateway.settings import Settings
 from tests.deploy.compose_model import (
+    TEST_SECRETS,
     hosts_on_network,
     interpolate_tree,
     published_ports,
@@ -89,7 +90,7 @@ def merged_compose(override_text: str) -> dict:
             start = result["services"][name]
         result["services"][name] = merge(start, service)
     env = read_env_file(REPO / ".env.example")
-    env.update(GRAFANA_ADMIN_PASSWORD="test-password")
+    env.update(TEST_SECRETS)
     return interpolate_tree(result, env)
 
 

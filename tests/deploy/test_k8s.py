@@ -211,11 +211,55 @@ def test_pods_reference_existing_configmaps_and_claims() -> None:
                 find("ConfigMap", volume["configMap"]["name"])
             if "persistentVolumeClaim" in volume:
                 find("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
-        for container in deployment["spec"]["template"]["spec"]["containers"]:
+
+
+
+
+# The Secrets the operator creates (deploy/k8s/kustomization.yaml says how): none is shipped, and
+# nothing may start without them.
+SECRET_KEYS = {"dro-gateway-secrets": {"vllm-api-key", "api-keys.yaml", "metrics-token-sha256"},
+               "dro-gateway-metrics": {"token"}}
+
+
+def secret_references() -> list[tuple[str, str, str, bool]]:
+    """(workload, secret, key, optional) for every secret a Deployment or PodMonitor reads."""
+    found = []
+    for deployment in (o for o in OBJECTS if o["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        name = deployment["metadata"]["name"]
+        for container in pod["containers"]:
             for env in container.get("env", []):
-                secret = env.get("valueFrom", {}).get("secretKeyRef")
-                if secret:  # no Secret is shipped: every reference must tolerate its absence
-                    assert secret["optional"] is True
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    found.append((name, ref["name"], ref["key"], ref.get("optional", False)))
+        for volume in pod["volumes"]:
+            if "secret" in volume:
+                for item in volume["secret"]["items"]:
+                    found.append((name, volume["secret"]["secretName"], item["key"], volume["secret"].get("optional", False)))
+    for monitor in (o for o in OBJECTS if o["kind"] == "PodMonitor"):
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            credentials = endpoint.get("authorization", {}).get("credentials")
+            if credentials:
+                found.append((f"PodMonitor/{monitor['metadata']['name']}", credentials["name"], credentials["key"],
+                              credentials.get("optional", False)))
+    return found
+
+
+def test_secrets_are_required_and_each_held_only_where_needed() -> None:
+    references = secret_references()
+    assert all(not optional for *_, optional in references), references
+    assert {(secret, key) for _, secret, key, _ in references} == {
+        (secret, key) for secret, keys in SECRET_KEYS.items() for key in keys}
+    holders = {}
+    for workload, secret, key, _ in references:
+        holders.setdefault((secret, key), set()).add(workload)
+    assert holders[("dro-gateway-secrets", "vllm-api-key")] == {"dro-gateway", "vllm"}
+    assert holders[("dro-gateway-metrics", "token")] == {"PodMonitor/dro-gateway"}
+    [gateway] = [o for o in OBJECTS if o["kind"] == "Deployment" and o["metadata"]["name"] == "dro-gateway"]
+    env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GATEWAY_REQUIRE_API_KEYS"]["value"] == "true"
+    mounts = {m["name"]: m["mountPath"] for m in gateway["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert env["GATEWAY_API_KEYS_FILE"]["value"] == f"{mounts['api-keys']}/api-keys.yaml"
 
 
 def test_dashboards_configmap_is_current_and_provisioned_by_label() -> None:

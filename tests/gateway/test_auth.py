@@ -134,3 +134,36 @@ def test_keys_are_configured_as_digests_only() -> None:
     twice = [ApiKeyConfig(name=name, sha256=hash_key("same")) for name in ("a", "b")]
     with pytest.raises(ValueError, match="twice"):
         KeyRing.from_settings(Settings(models=[ModelConfig(name="tiny")], api_keys=twice))
+
+
+METRICS_TOKEN = "metrics-token-0123456789"
+
+
+def test_metrics_need_the_metrics_token_and_ready_hides_its_details_without_it(running) -> None:
+    client, _, _ = start_gateway(running, ok, api_keys=KEYS, metrics_token_sha256=hash_key(METRICS_TOKEN))
+    for headers in ({}, bearer("sk-wrong"), bearer(ALICE), bearer(hash_key(METRICS_TOKEN))):
+        response = client.get("/metrics", headers=headers)
+        assert response.status_code == 401 and error_of(response)["code"] == "invalid_api_key"
+    scraped = client.get("/metrics", headers=bearer(METRICS_TOKEN))
+    assert scraped.status_code == 200 and "dro_gateway_requests_total" in scraped.text
+    public = client.get("/ready", headers=bearer(ALICE))
+    assert public.status_code == 200 and public.json() == {"status": "ready"}
+    detailed = client.get("/ready", headers=bearer(METRICS_TOKEN)).json()
+    assert detailed["status"] == "ready" and detailed["upstreams"][0]["url"].startswith("http")
+
+
+def test_without_a_metrics_token_metrics_and_ready_stay_open(running) -> None:
+    client, _, _ = start_gateway(running, ok)
+    assert client.get("/metrics").status_code == 200
+    assert "upstreams" in client.get("/ready").json()
+
+
+def test_require_api_keys_refuses_to_start_without_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="require_api_keys is set but no API key is configured"):
+        KeyRing.from_settings(Settings(require_api_keys=True, models=[ModelConfig(name="tiny")]))
+    empty = tmp_path / "keys.yaml"
+    empty.write_text("[]\n")
+    with pytest.raises(ValueError, match="require_api_keys"):
+        KeyRing.from_settings(Settings(require_api_keys=True, api_keys_file=empty, models=[ModelConfig(name="tiny")]))
+    assert KeyRing.from_settings(Settings(require_api_keys=True, api_keys=KEYS[:1],
+                                          models=[ModelConfig(name="tiny")])).enabled
