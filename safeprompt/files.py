@@ -4,7 +4,8 @@
   made world-readable (0644) and renamed over `path`.
 - `atomic_write_text(path, text)`: the same for a whole text file.
 - `atomic_directory(target, keep_existing=False)`: a context manager yielding a staging directory
-  beside `target`; on a clean exit it replaces `target` (any old one is retired first; with
+  beside `target`; on a clean exit its files are fsynced and made world-readable (0644, folders
+  0755) and it replaces `target` (any old one is retired first; with
   `keep_existing`, a `target` that another process finished first is kept and the staging dropped),
   on an error it is removed.
 - `sha256_file`, `sha256_text`: hex digests (files are read in blocks; model files are large).
@@ -48,11 +49,16 @@ def atomic_directory(target: Path, *, keep_existing: bool = False) -> Iterator[P
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
+        # Readable by a server running as another user (a container's vLLM or gateway): mkdtemp
+        # creates 0700, and some writers create 0600 files (transformers' safetensors shards).
         for file in staging.rglob("*"):
             if file.is_file():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
-        os.chmod(staging, 0o755)  # mkdtemp creates 0700: readable by a server running as another user
+                os.chmod(file, 0o644)
+            elif file.is_dir():
+                os.chmod(file, 0o755)
+        os.chmod(staging, 0o755)
         if target.exists() and keep_existing:
             shutil.rmtree(staging, ignore_errors=True)
         elif target.exists():
