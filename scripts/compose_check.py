@@ -303,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                 str(env),
                 "--key-name",
                 "check",
+                # Every variant, `none` included (an ordinary key is refused `none`: unit-tested).
+                "--grant",
+                "*",
+                "--grant",
+                "*@none",
             ]
         )
         client_key = (secrets_dir / "check.key").read_text().strip()
