@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.auth import bearer_matches
 from gateway.completions import ROUTE, create_chat_completion
 from gateway.errors import Unauthorized, install_error_handlers
+from gateway.openapi import install_openapi
 from gateway.service import Service, build_service, get_service
 from gateway.settings import Settings
 from safeprompt.prompts import VARIANT_SEPARATOR
@@ -48,6 +49,7 @@ def build_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None 
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", ready, methods=["GET"])
     app.add_api_route("/metrics", serve_metrics, methods=["GET"])
+    install_openapi(app, ROUTE)
     return app
 
 
