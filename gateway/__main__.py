@@ -23,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT: stop accepting connections and let requests in flight (streams included) "
+        "finish for at most this many seconds, then cancel them (default 30)",
+    )
     args = parser.parse_args(argv)
 
     if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -50,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         log_level=args.log_level,
         timeout_keep_alive=5,
+        # Graceful drain: uvicorn stops accepting, waits for requests in flight, cancels the rest
+        # after this long (a cancelled stream closes its vLLM request, which aborts the generation).
+        timeout_graceful_shutdown=args.drain_timeout,
     )
     return 0
 

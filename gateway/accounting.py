@@ -97,7 +97,11 @@ class Accounting:
         self._usage(chunk.get("usage"))
 
     def client_disconnected(self) -> None:
-        self.record.error_kind = "client_disconnect"
+        if self.record.error_kind != "client_too_slow":  # the gateway cut it, and said why first
+            self.record.error_kind = "client_disconnect"
+
+    def client_too_slow(self) -> None:
+        self.record.error_kind = "client_too_slow"
 
     def stream_ended(self, *, upstream_s: float) -> None:
         """The stream is over, however it ended: one verdict per requested choice, on the text sent."""

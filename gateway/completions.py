@@ -23,6 +23,7 @@ from fastapi import Depends, Request
 from fastapi.responses import Response
 
 from gateway.accounting import Accounting
+from gateway.deadlines import WHOLE_REQUEST, Deadlines, within
 from gateway.errors import InvalidRequest, PayloadTooLarge, error_response, to_gateway_error
 from gateway.limits import check_body_shape, check_generation_budget
 from gateway.protocol import ChatCompletionRequest
@@ -78,6 +79,7 @@ def check_and_resolve(
 async def create_chat_completion(request: Request, service: Annotated[Service, Depends(get_service)]) -> Response:
     accounting = service.accounting(request_id_for(request), ROUTE)
     request_id = accounting.record.request_id
+    deadlines = Deadlines.start(service.settings)
     streaming = False
     try:
         key = service.keys.authenticate(request.headers.get("authorization"))
@@ -96,12 +98,24 @@ async def create_chat_completion(request: Request, service: Annotated[Service, D
         release = await service.admission.acquire()
         try:
             if chat.stream:
-                response = await open_stream(service.pool, chat, body, accounting, on_close=release)
+                response = await open_stream(
+                    service.pool,
+                    chat,
+                    body,
+                    accounting,
+                    on_close=release,
+                    deadlines=deadlines,
+                    write_timeout_s=settings.client_write_timeout_s,
+                )
                 streaming = True  # the relay finishes the accounting and frees the slot when the stream ends
                 return response
             return await unless_client_leaves(
                 request,
-                complete(service.pool, chat, body, accounting, max_bytes=settings.max_response_bytes),
+                within(
+                    deadlines.end,
+                    complete(service.pool, chat, body, accounting, max_bytes=settings.max_response_bytes),
+                    code=WHOLE_REQUEST,
+                ),
                 accounting,
             )
         finally:
@@ -173,13 +187,27 @@ async def open_stream(
     accounting: Accounting,
     *,
     on_close: Callable[[], None],
+    deadlines: Deadlines,
+    write_timeout_s: float | None,
 ) -> Response:
     """Open the vLLM stream before answering, so errors before the first byte keep their status.
     `on_close` runs when the relay has closed the stream (not when opening it fails: the caller
-    cleans up then)."""
+    cleans up then). Opening and the first event share the first-event deadline."""
+    first_event = deadlines.first_event()
     close_upstream = contextlib.AsyncExitStack()
     close_upstream.callback(on_close)
-    upstream = await close_upstream.enter_async_context(
-        pool.open(ROUTE, body, {"X-Request-Id": accounting.record.request_id})
+    upstream = await within(
+        first_event[0],
+        close_upstream.enter_async_context(pool.open(ROUTE, body, {"X-Request-Id": accounting.record.request_id})),
+        code=first_event[1],
     )
-    return stream_response(upstream, close_upstream, accounting, model_id=chat.model, include_usage=chat.wants_usage)
+    return stream_response(
+        upstream,
+        close_upstream,
+        accounting,
+        model_id=chat.model,
+        include_usage=chat.wants_usage,
+        first_event=first_event,
+        end=deadlines.end,
+        write_timeout_s=write_timeout_s,
+    )

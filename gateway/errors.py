@@ -163,6 +163,16 @@ class UpstreamTimeout(GatewayError):
     kind = "upstream_timeout"
 
 
+class DeadlineExceeded(GatewayError):
+    """The request's deadline passed: no first event from vLLM within first_byte_timeout_s, or no
+    end within request_timeout_s (504; mid-stream, an error event). vLLM's request is closed."""
+
+    status_code = 504
+    error_type = "timeout"
+    code = "request_deadline"
+    kind = "deadline_exceeded"
+
+
 class UpstreamDisconnected(UpstreamFailed):
     code = "upstream_disconnected"
     kind = "upstream_disconnect"

@@ -6,20 +6,23 @@ records usage, time to first token and verdicts. `relay` joins them: it forwards
 chunks that arrived in one read from vLLM go out in one write to the client),
 ends with `data: [DONE]`, or, when anything fails mid-stream, with one error event then `[DONE]`,
 and closes the upstream (which makes vLLM abort the generation) and finishes the accounting
-exactly once, however the stream ended.
+exactly once, however the stream ended. Deadlines (`gateway.deadlines`) bound the wait for vLLM's
+first event and for the end; a client that leaves a write unread for `client_write_timeout_s` has
+its stream cut (`ClosingStreamingResponse`), counted as `client_too_slow`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.accounting import Accounting
+from gateway.deadlines import WHOLE_REQUEST, within
 from gateway.errors import error_sse, to_gateway_error
 from gateway.sse import DONE_EVENT, encode_event
 from gateway.upstream import UpstreamResponse
@@ -48,11 +51,20 @@ async def relay(
     *,
     model_id: str,
     include_usage: bool,
+    first_event: tuple[float | None, str] = (None, WHOLE_REQUEST),
+    end: float | None = None,
 ) -> AsyncIterator[bytes]:
-    """The SSE body sent to the client for one upstream stream."""
+    """The SSE body sent to the client for one upstream stream; `first_event` is the deadline for
+    vLLM's first event and its error code, `end` the deadline for the last (event-loop times)."""
     try:
         async with contextlib.aclosing(upstream.event_batches()) as batches:
-            async for batch in batches:
+            deadline, code = first_event
+            while True:
+                try:
+                    batch = await within(deadline, anext(batches), code=code)
+                except StopAsyncIteration:
+                    break
+                deadline, code = end, WHOLE_REQUEST
                 parts = []
                 for chunk in batch:
                     accounting.chunk(chunk)
@@ -75,14 +87,48 @@ async def relay(
         accounting.finish()
 
 
+class ClientTooSlow(Exception):
+    """A write to the client waited longer than client_write_timeout_s."""
+
+
 class ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that always closes its body generator, so the generator's cleanup
     (closing the vLLM stream, which aborts generation, and counting the answer) runs promptly when
-    the client disconnects, not whenever the generator is garbage-collected."""
+    the client disconnects, not whenever the generator is garbage-collected; and that cuts the
+    stream when one write waits longer than `write_timeout_s` for the client to read (a client
+    that stops reading would otherwise hold its vLLM request and a pooled connection forever)."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        write_timeout_s: float | None = None,
+        on_too_slow: Callable[[], None] = lambda: None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self.write_timeout_s = write_timeout_s
+        self.on_too_slow = on_too_slow
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def timed_send(message: Any) -> None:
+            if self.write_timeout_s is None:
+                await send(message)
+                return
+            timer = asyncio.timeout(self.write_timeout_s)
+            try:
+                async with timer:
+                    await send(message)
+            except TimeoutError:
+                if not timer.expired():
+                    raise
+                self.on_too_slow()
+                raise ClientTooSlow from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, timed_send)
+        except ClientTooSlow:
+            pass  # the response is left incomplete: the server closes the connection
         finally:
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
@@ -96,10 +142,25 @@ def stream_response(
     *,
     model_id: str,
     include_usage: bool,
+    first_event: tuple[float | None, str] = (None, WHOLE_REQUEST),
+    end: float | None = None,
+    write_timeout_s: float | None = None,
 ) -> StreamingResponse:
     """The streaming response; from here on the relay owns the upstream and the accounting."""
     accounting.stream_started()
-    body = relay(upstream, close_upstream, accounting, model_id=model_id, include_usage=include_usage)
+    body = relay(
+        upstream,
+        close_upstream,
+        accounting,
+        model_id=model_id,
+        include_usage=include_usage,
+        first_event=first_event,
+        end=end,
+    )
     return ClosingStreamingResponse(
-        body, media_type="text/event-stream", headers={**accounting.response_headers, "Cache-Control": "no-cache"}
+        body,
+        media_type="text/event-stream",
+        headers={**accounting.response_headers, "Cache-Control": "no-cache"},
+        write_timeout_s=write_timeout_s,
+        on_too_slow=accounting.client_too_slow,
     )

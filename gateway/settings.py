@@ -140,6 +140,14 @@ class Settings(BaseSettings):
     # Longest silence allowed between two bytes from vLLM (a non-streaming answer is one wait).
     read_timeout_s: float = 300.0
     health_interval_s: float = 5.0
+    # Deadlines (None: off). first_byte_timeout_s: from the request to vLLM until the first event
+    # of a stream (a non-streaming answer's first byte is the whole answer: request_timeout_s bounds
+    # it); request_timeout_s: from acceptance to the end of the answer, streams included;
+    # client_write_timeout_s: how long one write to a streaming client may wait for the client to
+    # read before the stream is cut (a slow reader holds a vLLM request and a pooled connection).
+    first_byte_timeout_s: float | None = Field(default=120.0, gt=0)
+    request_timeout_s: float | None = Field(default=900.0, gt=0)
+    client_write_timeout_s: float | None = Field(default=30.0, gt=0)
     models: list[ModelConfig] = Field(default_factory=list)
     # What happens to a client's own system message when a safety prompt is applied:
     # prepend: the safety prompt first, the client's text after it, in one system message (default);

@@ -26,6 +26,8 @@ ERROR_KINDS = (
     "upstream_timeout",  # 504
     "upstream_disconnect",  # upstream dropped mid-stream
     "client_disconnect",  # client went away before the answer ended
+    "client_too_slow",  # a streaming client did not read for client_write_timeout_s: the stream was cut
+    "deadline_exceeded",  # 504, or an error event mid-stream: first_byte_timeout_s or request_timeout_s passed
     "response_too_large",  # vLLM's whole answer exceeded max_response_bytes (502)
     "internal",  # a bug in the gateway (500, logged with traceback server-side only)
 )

@@ -353,16 +353,18 @@ def start_vllm(model_dir: str | Path, *, served_model_name: str, port: int, log_
 
 
 def start_gateway(config_path: Path, *, port: int, log_path: Path, host: str = "127.0.0.1",
-                  timeout_s: float = 60.0, env: dict[str, str] | None = None, workers: int = 1) -> ManagedProcess:
-    """Start the gateway (`python -m gateway`) from a YAML config on host:port (which must be free)
-    and wait until the process just started answers /ready."""
+                  timeout_s: float = 60.0, env: dict[str, str] | None = None, workers: int = 1,
+                  extra_args: tuple[str, ...] = ()) -> ManagedProcess:
+    """Start the gateway (`python -m gateway`, plus `extra_args`) from a YAML config on host:port
+    (which must be free) and wait until the process just started answers /ready."""
     ensure_port_free(port, host)
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env["GATEWAY_CONFIG"] = str(config_path)
     proc = ManagedProcess(
         name="gateway",
-        command=[sys.executable, "-m", "gateway", "--host", host, "--port", str(port), "--workers", str(workers)],
+        command=[sys.executable, "-m", "gateway", "--host", host, "--port", str(port), "--workers", str(workers),
+                 *extra_args],
         log_path=log_path,
         env=full_env,
     ).start()

@@ -25,7 +25,7 @@ def _chunk(text: str | None, finish: str | None = None) -> bytes:
 
 # What the fake saw, for tests: `hang_aborted` counts hanging requests whose client (the gateway)
 # closed the connection before the 30 s were up.
-SEEN = {"hang_aborted": 0}
+SEEN = {"hang_aborted": 0, "drip_aborted": 0, "flood_aborted": 0}
 
 
 async def chat(request: Request) -> Response:
@@ -50,6 +50,18 @@ async def chat(request: Request) -> Response:
                                           "message": {"role": "assistant", "content": "I cannot help with that."}}],
                              "usage": {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}})
 
+    if behaviour in ("drip", "flood"):
+        return StreamingResponse(_endless(behaviour), media_type="text/event-stream")
+    if behaviour == "slow":  # ten chunks 0.2 s apart, then the end: a stream in flight for 2 s
+        async def slow():
+            for index in range(10):
+                yield _chunk(f"{index} ")
+                await asyncio.sleep(0.2)
+            yield _chunk(None, "stop")
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(slow(), media_type="text/event-stream")
+
     async def events():
         yield _chunk("I cannot ")
         yield _chunk("help")
@@ -65,6 +77,25 @@ async def chat(request: Request) -> Response:
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# "drip": a chunk every 0.2 s, forever (each well within any read timeout); "flood": 64 KiB
+# chunks as fast as the reader takes them, forever. Both count the reader's hang-up.
+FLOOD_TEXT = "x" * 65536
+
+
+async def _endless(behaviour: str):
+    try:
+        while True:
+            if behaviour == "drip":
+                yield _chunk("drop ")
+                await asyncio.sleep(0.2)
+            else:
+                yield _chunk(FLOOD_TEXT)
+                await asyncio.sleep(0)
+    except (asyncio.CancelledError, GeneratorExit):
+        SEEN[f"{behaviour}_aborted"] += 1
+        raise
 
 
 async def health(request: Request) -> Response:

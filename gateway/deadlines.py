@@ -1,0 +1,66 @@
+"""Deadlines of one chat request: for vLLM's first event, and for the whole answer.
+
+- `Deadlines.start(settings)`: the request's end deadline (`request_timeout_s` from now), taken when
+  the request is accepted; `first_event()` then gives the deadline for the first event of a stream
+  (`first_byte_timeout_s` from the moment it is asked for, never later than the end).
+- `within(deadline, awaitable, code=...)`: the awaitable's result, or DeadlineExceeded (504, or an
+  error event mid-stream) when the deadline passes first; the awaitable is cancelled, which closes
+  the vLLM request and so aborts its generation. Deadlines are event-loop times (monotonic); None
+  means no deadline.
+Knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from gateway.errors import DeadlineExceeded
+from gateway.settings import Settings
+
+T = TypeVar("T")
+
+FIRST_EVENT = "first_byte_deadline"
+WHOLE_REQUEST = "request_deadline"
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    end: float | None
+    first_byte_timeout_s: float | None
+
+    @classmethod
+    def start(cls, settings: Settings) -> Deadlines:
+        now = asyncio.get_running_loop().time()
+        end = now + settings.request_timeout_s if settings.request_timeout_s is not None else None
+        return cls(end=end, first_byte_timeout_s=settings.first_byte_timeout_s)
+
+    def first_event(self) -> tuple[float | None, str]:
+        """The deadline for vLLM's first event from now, and the error code if it passes."""
+        if self.first_byte_timeout_s is None:
+            return self.end, WHOLE_REQUEST
+        first = asyncio.get_running_loop().time() + self.first_byte_timeout_s
+        if self.end is not None and self.end <= first:
+            return self.end, WHOLE_REQUEST
+        return first, FIRST_EVENT
+
+
+MESSAGES = {
+    FIRST_EVENT: "vLLM sent nothing within first_byte_timeout_s; the request was cancelled",
+    WHOLE_REQUEST: "the answer did not end within request_timeout_s; the request was cancelled",
+}
+
+
+async def within(deadline: float | None, awaitable: Awaitable[T], *, code: str) -> T:
+    if deadline is None:
+        return await awaitable
+    timer = asyncio.timeout_at(deadline)
+    try:
+        async with timer:
+            return await awaitable
+    except TimeoutError:
+        if timer.expired():
+            raise DeadlineExceeded(MESSAGES[code], code=code) from None
+        raise
