@@ -25,6 +25,11 @@ test: setup setup-vllm setup-prometheus
 	$(VENV)/bin/mypy $(LINTED)
 	$(PY) -m pytest
 
+# vLLM SIGKILLed under 64 streams and restarted (tests/gateway/test_resilience.py): minutes, so not in `make test`.
+.PHONY: test-resilience
+test-resilience: setup setup-vllm
+	$(PY) -m pytest -m resilience -s tests/gateway/test_resilience.py
+
 setup: $(VENV)/.installed
 
 # torch==2.13.0 resolves to the CPU wheel on this machine kind's local wheel folder.

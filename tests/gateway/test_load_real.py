@@ -1,0 +1,90 @@
+"""Load against the real vLLM CPU server: 64 concurrent streams, 192 requests in all, through the real
+gateway process (python -m gateway) with the official `openai` client's async API.
+
+Every request must end whole (200, content, a finish reason), the gateway's counters must equal what
+was sent (requests, judged answers, completion tokens as vLLM reported them), and the gateway's
+resident memory must stay bounded; its figures are printed (docs/security.md quotes them). The
+fault half of the proof (SIGKILL of vLLM under the same load) is tests/gateway/test_resilience.py,
+run by `make test-resilience`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.metrics_text import metric_total
+
+pytestmark = pytest.mark.integration
+
+CONCURRENCY = 64
+REQUESTS = 192
+MAX_TOKENS = 16
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children (uvicorn runs the app in the same process)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def one_stream(client: openai.AsyncOpenAI, index: int) -> tuple[str, str | None, int]:
+    stream = await client.chat.completions.create(
+        model="tiny@short", messages=[{"role": "user", "content": f"Question {index}: how do I bake bread?"}],
+        max_tokens=MAX_TOKENS, temperature=0, stream=True, stream_options={"include_usage": True})
+    text, finish, tokens = [], None, 0
+    async for chunk in stream:
+        if chunk.choices:
+            text.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return "".join(text), finish, tokens
+
+
+async def run_load(base_url: str) -> list[tuple[str, str | None, int]]:
+    limit = asyncio.Semaphore(CONCURRENCY)
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=CONCURRENCY), timeout=300)
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, http_client=http)
+
+    async def limited(index: int):
+        async with limit:
+            return await one_stream(client, index)
+
+    try:
+        return await asyncio.gather(*(limited(i) for i in range(REQUESTS)))
+    finally:
+        await client.close()
+
+
+def test_64_concurrent_streams_end_whole_and_are_counted_exactly(gateway) -> None:
+    pid = gateway.process.pid
+    scrape = lambda: httpx.get(f"{gateway.base_url}/metrics", timeout=10).text  # noqa: E731
+    before = scrape()
+    rss_before = rss_mib(pid)
+    results = asyncio.run(run_load(gateway.base_url))
+    rss_after = rss_mib(pid)
+    after = scrape()
+
+    assert len(results) == REQUESTS
+    assert all(text and finish in ("stop", "length") for text, finish, _ in results)
+    sent_tokens = sum(tokens for _, _, tokens in results)
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_total(after, name, **labels) - metric_total(before, name, **labels)
+
+    assert delta("dro_gateway_requests_total", variant="short", status="200") == REQUESTS
+    assert delta("dro_gateway_requests_total") == REQUESTS  # nothing else, no error of any status
+    assert delta("dro_gateway_request_errors_total") == 0
+    assert delta("dro_gateway_answers_judged_total", variant="short") == REQUESTS
+    assert delta("dro_gateway_completion_tokens_total", variant="short") == sent_tokens
+    print(f"\n{REQUESTS} streams at concurrency {CONCURRENCY}: gateway RSS {rss_before:.0f} -> {rss_after:.0f} MiB, "
+          f"{sent_tokens} completion tokens")
+    assert rss_after < 400, f"gateway RSS {rss_after:.0f} MiB"
+    assert rss_after - rss_before < 150, f"gateway RSS grew {rss_after - rss_before:.0f} MiB under load"
