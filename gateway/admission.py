@@ -5,6 +5,9 @@
   it is admitted; its tokens (prompt + completion, as vLLM counted them) are charged when it ends, so
   the token bucket may go into debt, and a key in debt is refused until it has refilled. Beyond
   either: 429 `rate_limit_exceeded` with `Retry-After` (whole seconds until the bucket allows it).
+  `api_keys[].max_concurrent_requests` bounds a key's requests in flight (from admission to their
+  end, queued ones included), so one key cannot fill the whole cap: beyond it, 429 with
+  `Retry-After: 1`.
 - **Concurrency**: at most `max_concurrent_requests` requests talk to vLLM at once; up to
   `max_queued_requests` more wait, each at most `queue_timeout_s`; beyond that, or after waiting
   that long, 503 `overloaded` with `Retry-After`. Memory stays bounded whatever clients send.
@@ -57,6 +60,8 @@ class TokenBucket:
 class KeyBuckets:
     requests: TokenBucket | None
     tokens: TokenBucket | None
+    max_concurrent: int | None = None
+    in_flight: int = 0
 
 
 def per_minute(limit: int | None) -> TokenBucket | None:
@@ -81,16 +86,32 @@ class Admission:
         self.active = 0
 
     # --- per-key rates -----------------------------------------------------------------------------
-    def limit_key(self, name: str, *, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
-        if requests_per_minute is None and tokens_per_minute is None:
+    def limit_key(
+        self,
+        name: str,
+        *,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        max_concurrent: int | None = None,
+    ) -> None:
+        if requests_per_minute is None and tokens_per_minute is None and max_concurrent is None:
             return
-        self._buckets[name] = KeyBuckets(per_minute(requests_per_minute), per_minute(tokens_per_minute))
+        self._buckets[name] = KeyBuckets(
+            per_minute(requests_per_minute), per_minute(tokens_per_minute), max_concurrent=max_concurrent
+        )
 
     def admit(self, key_name: str | None) -> None:
-        """Take one request of `key_name`'s allowance, or raise RateLimited (429) saying when to retry."""
+        """Take one request of `key_name`'s allowance, or raise RateLimited (429) saying when to retry.
+
+        An admitted request counts as in flight for its key until `finished` is called for it."""
         buckets = self._buckets.get(key_name) if key_name is not None else None
         if buckets is None:
             return
+        if buckets.max_concurrent is not None and buckets.in_flight >= buckets.max_concurrent:
+            raise RateLimited(
+                f"this API key has {buckets.in_flight} requests in flight, its limit; retry when one has ended",
+                retry_after_s=1,
+            )
         now = self._clock()
         waits = []
         if buckets.requests is not None:
@@ -107,11 +128,16 @@ class Admission:
             )
         if buckets.requests is not None:
             buckets.requests.take(1.0, now)
+        buckets.in_flight += 1
 
-    def charge(self, key_name: str | None, tokens: int) -> None:
-        """Charge a finished request's tokens to its key (the balance may go negative)."""
+    def finished(self, key_name: str | None, tokens: int) -> None:
+        """An admitted request of `key_name` ended: it leaves the key's in-flight count and its tokens
+        are charged (the balance may go negative). Call exactly once per admitted request."""
         buckets = self._buckets.get(key_name) if key_name is not None else None
-        if buckets is not None and buckets.tokens is not None and tokens > 0:
+        if buckets is None:
+            return
+        buckets.in_flight = max(0, buckets.in_flight - 1)
+        if buckets.tokens is not None and tokens > 0:
             buckets.tokens.take(float(tokens), self._clock())
 
     # --- concurrency ---------------------------------------------------------------------------------

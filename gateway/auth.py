@@ -53,6 +53,8 @@ class ApiKey:
     grants: tuple[tuple[str, str], ...]
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
+    allowed_extra_fields: frozenset[str] = frozenset()
 
     @property
     def limit_id(self) -> str:
@@ -115,6 +117,8 @@ class KeyRing:
                 grants=tuple(parse_grant(grant, settings.models) for grant in config.models),
                 requests_per_minute=config.requests_per_minute,
                 tokens_per_minute=config.tokens_per_minute,
+                max_concurrent_requests=config.max_concurrent_requests,
+                allowed_extra_fields=frozenset(config.allowed_extra_fields),
             )
             for config in configs
         ]

@@ -93,8 +93,14 @@ async def create_chat_completion(request: Request, service: Annotated[Service, D
         accounting.start(chat, model, variant)
         limit_id = key.limit_id if key is not None else None
         service.admission.admit(limit_id)  # 429 here is counted under the model and variant asked for
-        accounting.on_finish(lambda record: service.admission.charge(limit_id, record.total_tokens))
-        body = build_upstream_body(chat, model, variant, policy=settings.system_message_policy)
+        accounting.on_finish(lambda record: service.admission.finished(limit_id, record.total_tokens))
+        body = build_upstream_body(
+            chat,
+            model,
+            variant,
+            policy=settings.system_message_policy,
+            extra_fields=key.allowed_extra_fields if key is not None else frozenset(),
+        )
         release = await service.admission.acquire()
         try:
             if chat.stream:

@@ -70,7 +70,8 @@ def check_extra_fields(request: ChatCompletionRequest, allowed: Collection[str] 
         if name not in FORWARDED_EXTRA_FIELDS and name not in allowed:
             raise InvalidRequest(
                 f"field '{name}' is not accepted by this gateway for model '{request.model}' "
-                "(not forwarded to vLLM; an operator may enable it in models[].allowed_extra_fields)",
+                "(not forwarded to vLLM; an operator may enable it in models[].allowed_extra_fields "
+                "or api_keys[].allowed_extra_fields)",
                 param=name,
             )
 
@@ -122,12 +123,18 @@ def apply_safety_prompt(
 
 
 def build_upstream_body(
-    request: ChatCompletionRequest, model: ServedModel, variant: Variant, *, policy: Policy
+    request: ChatCompletionRequest,
+    model: ServedModel,
+    variant: Variant,
+    *,
+    policy: Policy,
+    extra_fields: Collection[str] = frozenset(),
 ) -> dict[str, Any]:
-    """The body vLLM receives: the client's fields (allow-listed: 400 otherwise), the upstream model
-    name, the messages with the variant's safety prompt, and (for streams) usage always on, for the
-    token metrics; the relay strips the usage chunk again when the client did not ask for it."""
-    check_extra_fields(request, model.allowed_extra_fields)
+    """The body vLLM receives: the client's fields (allow-listed: 400 otherwise; `extra_fields` are
+    the ones the caller's key may send beyond the model's), the upstream model name, the messages
+    with the variant's safety prompt, and (for streams) usage always on, for the token metrics; the
+    relay strips the usage chunk again when the client did not ask for it."""
+    check_extra_fields(request, model.allowed_extra_fields | set(extra_fields))
     body = request.forwarded_fields()
     body["model"] = model.upstream_name
     body["messages"] = apply_safety_prompt(

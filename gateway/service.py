@@ -82,7 +82,10 @@ def build_service(settings: Settings, *, transport: httpx.AsyncBaseTransport | N
     )
     for key in keys.keys:
         admission.limit_key(
-            key.limit_id, requests_per_minute=key.requests_per_minute, tokens_per_minute=key.tokens_per_minute
+            key.limit_id,
+            requests_per_minute=key.requests_per_minute,
+            tokens_per_minute=key.tokens_per_minute,
+            max_concurrent=key.max_concurrent_requests,
         )
     return Service(
         settings=settings,

@@ -87,12 +87,18 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"split weight for {name!r} must be >= 0")
         if self.split and sum(self.split.values()) <= 0:
             raise ValueError("split weights must not all be zero")
-        for name in self.allowed_extra_fields:
-            if name in FORBIDDEN_FIELDS:
-                raise ValueError(f"allowed_extra_fields names {name!r}, which can never be forwarded")
-            if name in ChatCompletionRequest.model_fields:
-                raise ValueError(f"allowed_extra_fields names {name!r}, which the gateway models itself")
+        check_enableable_fields(self.allowed_extra_fields, "allowed_extra_fields")
         return self
+
+
+def check_enableable_fields(names: list[str], where: str) -> None:
+    """Fields an operator may enable beyond the default allow-list: never one that moves or removes
+    the safety prompt (FORBIDDEN_FIELDS), never one the gateway models itself."""
+    for name in names:
+        if name in FORBIDDEN_FIELDS:
+            raise ValueError(f"{where} names {name!r}, which can never be forwarded")
+        if name in ChatCompletionRequest.model_fields:
+            raise ValueError(f"{where} names {name!r}, which the gateway models itself")
 
 
 class ApiKeyConfig(BaseModel):
@@ -110,6 +116,17 @@ class ApiKeyConfig(BaseModel):
     # vLLM counts them, charged when a request ends. Per gateway process: divide by --workers.
     requests_per_minute: int | None = Field(default=None, gt=0)
     tokens_per_minute: int | None = Field(default=None, gt=0)
+    # Requests of this key in flight at once (queued included); beyond: 429 with Retry-After. Keeps one
+    # key from filling the gateway's whole concurrency cap. Per process, like the rates.
+    max_concurrent_requests: int | None = Field(default=None, gt=0)
+    # Unmodelled request fields this key may send beyond the model's allowed_extra_fields (e.g.
+    # logit_bias for an evaluation team); never one that moves or removes the safety prompt.
+    allowed_extra_fields: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fields(self) -> ApiKeyConfig:
+        check_enableable_fields(self.allowed_extra_fields, f"api_keys[{self.name}].allowed_extra_fields")
+        return self
 
 
 class Settings(BaseSettings):

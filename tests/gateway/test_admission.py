@@ -56,7 +56,7 @@ def test_tokens_per_minute_are_charged_when_requests_end() -> None:
     admission = Admission(max_concurrent=4, max_queued=0, queue_timeout_s=1, clock=clock)
     admission.limit_key("k", requests_per_minute=None, tokens_per_minute=600)  # 10 a second
     admission.admit("k")
-    admission.charge("k", 650)  # the answer was larger than the balance
+    admission.finished("k", 650)  # the answer was larger than the balance
     with pytest.raises(RateLimited, match="tokens per minute") as caught:
         admission.admit("k")
     assert caught.value.headers == {"Retry-After": "6"}  # 51 tokens short at 10 a second
@@ -139,3 +139,33 @@ def test_the_answer_of_a_full_gateway_is_a_503_overloaded(running) -> None:
     assert error_of(response)["code"] == "overloaded"
     taken()
     assert post(client).status_code == 200
+
+
+def test_a_key_may_have_only_so_many_requests_in_flight() -> None:
+    admission = Admission(max_concurrent=8, max_queued=0, queue_timeout_s=1, clock=Clock())
+    admission.limit_key("k", requests_per_minute=None, tokens_per_minute=None, max_concurrent=2)
+    admission.admit("k")
+    admission.admit("k")
+    with pytest.raises(RateLimited, match="2 requests in flight") as caught:
+        admission.admit("k")
+    assert caught.value.status_code == 429 and caught.value.headers == {"Retry-After": "1"}
+    admission.admit("other")  # other keys share the global cap only
+    admission.finished("k", 5)
+    admission.admit("k")
+
+
+def test_a_keys_in_flight_count_returns_to_zero_however_its_requests_end(running) -> None:
+    keys = [{"name": "one-at-a-time", "sha256": hash_key(KEY), "models": ["tiny"], "max_concurrent_requests": 1}]
+    outcomes = iter([httpx.Response(200, json=answer("a")), httpx.Response(500, json={"error": {"message": "x"}}),
+                     httpx.Response(200, content=b'data: {"choices": []}\n\ndata: [DONE]\n\n',
+                                    headers={"Content-Type": "text/event-stream"}),
+                     httpx.Response(200, json=answer("b"))])
+    client, service, _ = start_gateway(running, lambda request: next(outcomes), api_keys=keys)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert post(client, headers=headers).status_code == 200
+    assert post(client, headers=headers).status_code == 502  # vLLM failed: the slot is given back all the same
+    assert post(client, headers=headers, stream=True).status_code == 200
+    assert post(client, headers=headers, messages=[]).status_code == 400  # refused before admission
+    assert post(client, headers=headers).status_code == 200
+    buckets = service.admission._buckets[hash_key(KEY)]
+    assert buckets.in_flight == 0

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from gateway.settings import ModelConfig
+from gateway.auth import hash_key
+from gateway.settings import ApiKeyConfig, ModelConfig
 from tests.gateway.mock_vllm import ROUTE, error_of, ok, post, sample, start_gateway
 
 SAFETY_SHORT_START = "You are a helpful"  # the `short` human prompt, the test model's default variant
@@ -58,11 +59,26 @@ def test_an_operator_may_enable_a_legitimate_field_per_model(running) -> None:
     assert post(client, bad_words=["x"]).status_code == 400  # only what was enabled
 
 
+def test_an_operator_may_enable_a_field_for_one_key(running) -> None:
+    keys = [{"name": "eval-team", "sha256": hash_key("sk-eval-0123456789"), "models": ["tiny"],
+             "allowed_extra_fields": ["logit_bias"]},
+            {"name": "app", "sha256": hash_key("sk-app-0123456789"), "models": ["tiny"]}]
+    client, _, upstream = start_gateway(running, ok, api_keys=keys)
+    granted = post(client, headers={"Authorization": "Bearer sk-eval-0123456789"}, logit_bias={"40": 5})
+    assert granted.status_code == 200 and upstream.bodies[-1]["logit_bias"] == {"40": 5}
+    refused = post(client, headers={"Authorization": "Bearer sk-app-0123456789"}, logit_bias={"40": 5})
+    assert refused.status_code == 400 and error_of(refused)["param"] == "logit_bias"
+    assert "api_keys[].allowed_extra_fields" in error_of(refused)["message"]
+    assert len(upstream.bodies) == 1
+
+
 @pytest.mark.parametrize("field", ["continue_final_message", "truncate_prompt_tokens", "chat_template_kwargs",
                                    "prompt_embeds", "model", "messages"])
 def test_fields_that_move_the_safety_prompt_cannot_be_enabled(field: str) -> None:
     with pytest.raises(ValidationError, match="can never be forwarded|models itself"):
         ModelConfig(name="m", allowed_extra_fields=[field])
+    with pytest.raises(ValidationError, match="can never be forwarded|models itself"):
+        ApiKeyConfig(name="k", sha256="0" * 64, allowed_extra_fields=[field])
 
 
 LATE_SYSTEM = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
