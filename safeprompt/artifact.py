@@ -184,6 +184,21 @@ def check_header(manifest: Manifest, tensors: dict[str, TensorInfo], where: str)
         raise ArtifactError(f"{where}: soft_prompt is stored as {soft.dtype}, the manifest says {manifest.dtype}")
 
 
+def read_raw_manifest(folder: Path) -> dict[str, Any]:
+    """An artifact folder's manifest as plain JSON (any format version), after checking that the
+    folder holds a manifest and tensors; ArtifactError otherwise."""
+    manifest_path, tensors_path = folder / MANIFEST_FILE, folder / TENSORS_FILE
+    if not manifest_path.is_file() or not tensors_path.is_file():
+        raise ArtifactError(f"{folder} is not an artifact: needs {MANIFEST_FILE} and {TENSORS_FILE}")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path}: invalid manifest: not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{manifest_path}: invalid manifest: not a JSON object")
+    return raw
+
+
 def load_artifact(path: str | os.PathLike[str]) -> Artifact:
     """Read and self-check an artifact directory; ArtifactError says what is wrong.
 
@@ -192,13 +207,8 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
     """
     folder = Path(path)
     manifest_path, tensors_path = folder / MANIFEST_FILE, folder / TENSORS_FILE
-    if not manifest_path.is_file() or not tensors_path.is_file():
-        raise ArtifactError(f"{folder} is not an artifact: needs {MANIFEST_FILE} and {TENSORS_FILE}")
-    try:
-        raw = json.loads(manifest_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{manifest_path}: invalid manifest: not JSON: {exc}") from None
-    version = raw.get("format_version") if isinstance(raw, dict) else None
+    raw = read_raw_manifest(folder)
+    version = raw.get("format_version")
     if version == 1:
         raise ArtifactError(
             f"{folder} is a format 1 artifact, which carries no serving payloads; convert it once "

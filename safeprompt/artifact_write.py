@@ -14,7 +14,6 @@ The format itself is `safeprompt.artifact`'s.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from safeprompt.artifact import (
     PayloadFile,
     load_artifact,
     payload_file_name,
+    read_raw_manifest,
 )
 from safeprompt.embeds import WIRE_DTYPES
 from safeprompt.files import atomic_directory
@@ -145,13 +145,8 @@ def convert_artifact(path: str | os.PathLike[str]) -> Path:
     """
     folder = Path(path)
     manifest_path, tensors_path = folder / MANIFEST_FILE, folder / TENSORS_FILE
-    if not manifest_path.is_file() or not tensors_path.is_file():
-        raise ArtifactError(f"{folder} is not an artifact: needs {MANIFEST_FILE} and {TENSORS_FILE}")
-    try:
-        raw = json.loads(manifest_path.read_text())
-        version = raw["format_version"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{manifest_path}: invalid manifest: {exc}") from None
+    raw = read_raw_manifest(folder)
+    version = raw.get("format_version")
     if version not in (1, FORMAT_VERSION):
         raise ArtifactError(
             f"{manifest_path}: format_version {version!r}; this trainer converts 1 and {FORMAT_VERSION}"
