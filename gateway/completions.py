@@ -70,7 +70,12 @@ def check_and_resolve(
 ) -> tuple[ServedModel, Variant]:
     """Refuse what this deployment does not accept (400), then resolve the variant (404 if unknown)."""
     check_client_input(request)
-    check_generation_budget(request, max_n=settings.max_n, max_generated_tokens=settings.max_generated_tokens)
+    check_generation_budget(
+        request,
+        max_n=settings.max_n,
+        max_generated_tokens=settings.max_generated_tokens,
+        max_logprob_entries=settings.max_logprob_entries,
+    )
     if request.seed is not None and settings.seed_policy == "reject":
         raise InvalidRequest("per-request seed is disabled on this deployment (seed_policy=reject)", param="seed")
     return resolve_variant(models, request.model, request_id=request_id, user=request.user)

@@ -49,11 +49,15 @@ def check_body_shape(body: dict[str, Any], *, max_depth: int, max_messages: int)
         )
 
 
-def check_generation_budget(request: ChatCompletionRequest, *, max_n: int, max_generated_tokens: int) -> None:
-    """Refuse `n` above `max_n`, and n x max_tokens above `max_generated_tokens` (400).
+def check_generation_budget(
+    request: ChatCompletionRequest, *, max_n: int, max_generated_tokens: int, max_logprob_entries: int | None = None
+) -> None:
+    """Refuse `n` above `max_n`, n x max_tokens above `max_generated_tokens`, and, with logprobs,
+    n x max_tokens x (1 + top_logprobs) above `max_logprob_entries` (400).
 
     `max_completion_tokens` (OpenAI's newer name) is used when given, as vLLM does. Without either,
-    vLLM bounds each choice by the model's context length, so only `n` is checked."""
+    vLLM bounds each choice by the model's context length, so only `n` is checked (and the answer's
+    size by max_response_bytes)."""
     if request.n > max_n:
         raise InvalidRequest(f"n must be at most {max_n}", param="n")
     max_tokens = request.max_completion_tokens or request.max_tokens
@@ -64,3 +68,13 @@ def check_generation_budget(request: ChatCompletionRequest, *, max_n: int, max_g
             "generated tokens per request",
             param=param,
         )
+    extra = request.model_extra or {}
+    top = extra.get("top_logprobs")
+    if max_tokens is not None and max_logprob_entries is not None and extra.get("logprobs") is True:
+        per_token = 1 + (top if isinstance(top, int) and not isinstance(top, bool) and top > 0 else 0)
+        if request.n * max_tokens * per_token > max_logprob_entries:
+            raise InvalidRequest(
+                f"n x max_tokens x (1 + top_logprobs) = {request.n} x {max_tokens} x {per_token} exceeds this "
+                f"gateway's limit of {max_logprob_entries} logprob entries per request",
+                param="top_logprobs" if per_token > 1 else "logprobs",
+            )

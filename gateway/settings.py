@@ -180,6 +180,10 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=2048, ge=1)
     max_json_depth: int = Field(default=64, ge=8, le=200)
     max_generated_tokens: int = Field(default=65536, ge=1)
+    # With logprobs, each generated token carries 1 + top_logprobs entries in the answer:
+    # n x max_tokens x (1 + top_logprobs) above this is refused (n=16, 2,000 tokens and
+    # top_logprobs=20 made a 43 MiB answer).
+    max_logprob_entries: int = Field(default=262144, ge=1)
     # A non-streaming answer larger than this (bytes) is not relayed: 502 (n=16 with top_logprobs=20
     # makes tens of MiB, all held in memory and re-serialised).
     max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

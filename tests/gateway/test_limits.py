@@ -88,6 +88,19 @@ def test_generation_budget_is_bounded(running, fields: dict, param: str) -> None
     assert post(client, n=16).status_code == 200  # no max_tokens: vLLM bounds each choice by the context
 
 
+def test_logprobs_count_against_their_own_budget(running) -> None:
+    """n=16, 2,000 tokens and top_logprobs=20 made a 43 MiB answer: refused before vLLM is asked."""
+    client, _, upstream = start_gateway(running, ok, max_logprob_entries=262144)
+    heavy = post(client, n=16, max_tokens=2000, logprobs=True, top_logprobs=20)
+    assert heavy.status_code == 400 and error_of(heavy)["param"] == "top_logprobs"
+    assert "16 x 2000 x 21" in error_of(heavy)["message"] and upstream.bodies == []
+    assert post(client, n=16, max_tokens=2000).status_code == 200  # no logprobs: only the token budget
+    assert post(client, n=1, max_tokens=2000, logprobs=True, top_logprobs=20).status_code == 200
+    assert post(client, n=16, max_tokens=2000, logprobs=False, top_logprobs=20).status_code == 200
+    assert post(client, n=16, max_tokens=4000, logprobs=True).status_code == 200  # 64,000 entries fit
+    assert post(client, n=16, max_tokens=4000, logprobs=True, top_logprobs=5).status_code == 400
+
+
 def test_an_answer_larger_than_the_cap_is_a_502_counted_as_such(running) -> None:
     big = answer("x" * 5000)
     client, service, _ = start_gateway(running, lambda request: httpx.Response(200, json=big),
