@@ -22,7 +22,7 @@ from gateway.auth import KeyRing
 from gateway.prometheus import GatewayMetrics
 from gateway.settings import Settings
 from gateway.telemetry import RequestRecord
-from gateway.upstream import ClientConfig, UpstreamPool
+from gateway.upstream import ClientConfig, Ejection, UpstreamPool
 from gateway.variants import ServedModel, load_model
 from safeprompt.judge import Judge, get_judge
 
@@ -73,6 +73,7 @@ def build_service(settings: Settings, *, transport: httpx.AsyncBaseTransport | N
         ),
         health_interval_s=settings.health_interval_s,
         transport=transport,
+        ejection=Ejection(base_s=settings.eject_base_s, max_s=settings.eject_max_s, after_5xx=settings.eject_after_5xx),
     )
     keys = KeyRing.from_settings(settings)
     admission = Admission(

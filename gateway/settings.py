@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     # Longest silence allowed between two bytes from vLLM (a non-streaming answer is one wait).
     read_timeout_s: float = 300.0
     health_interval_s: float = 5.0
+    # Ejection (gateway.upstream): a connection failure, or eject_after_5xx 5xx answers in a row, takes
+    # an upstream out for eject_base_s, doubling with each ejection in a row up to eject_max_s; its
+    # health probe cannot bring it back before. A successful answer resets the doubling.
+    eject_base_s: float = Field(default=1.0, gt=0)
+    eject_max_s: float = Field(default=30.0, gt=0)
+    eject_after_5xx: int = Field(default=5, ge=1)
     # Deadlines (None: off). first_byte_timeout_s: from the request to vLLM until the first event
     # of a stream (a non-streaming answer's first byte is the whole answer: request_timeout_s bounds
     # it); request_timeout_s: from acceptance to the end of the answer, streams included;

@@ -7,8 +7,13 @@ made in `start()` (the app's lifespan) and closed in `stop()`; tests hand in an 
 Knows nothing about chat semantics: it sends JSON bodies and returns JSON answers or SSE events.
 
 Failure handling:
-- A connection that fails before any response byte marks that upstream down and the request goes
-  to the next one; the health probe brings it back.
+- A connection that fails before any response byte ejects that upstream and the request goes to
+  the next one; so do `Ejection.after_5xx` consecutive 5xx answers, unless no other upstream is
+  healthy (5xx can follow from what a client sends; they never take the last upstream out). An
+  ejected upstream stays out
+  for a cooldown that doubles with each ejection in a row (`Ejection.base_s` up to `max_s`), even
+  if its health probe answers in the meantime, so a flapping or crash-looping vLLM is not hammered;
+  after the cooldown a successful probe brings it back, and a successful answer resets the count.
 - Health probes use their own small client, so a request pool saturated by slow clients can
   neither delay them nor make them fail.
 - No connection free in the request pool within the connect timeout is local overload: 503
@@ -25,7 +30,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +68,21 @@ class Upstream:
     url: str
     healthy: bool = False
     last_error: str | None = None
+    ejected_until: float = 0.0  # on the pool's clock: probes do not bring it back before
+    ejections: int = 0  # in a row, without a successful answer between them
+    failures_5xx: int = 0  # consecutive 5xx answers
+
+
+@dataclass(frozen=True)
+class Ejection:
+    """When a failing upstream is taken out, and for how long (settings: eject_*)."""
+
+    base_s: float = 1.0
+    max_s: float = 30.0
+    after_5xx: int = 5
+
+    def cooldown_s(self, ejections: int) -> float:
+        return min(self.max_s, self.base_s * 2 ** max(0, ejections - 1))
 
 
 @dataclass(frozen=True)
@@ -183,9 +203,13 @@ class UpstreamPool:
         *,
         health_interval_s: float,
         transport: httpx.AsyncBaseTransport | None = None,
+        ejection: Ejection = Ejection(),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstreams = [Upstream(url) for url in urls]
         self.health_interval_s = health_interval_s
+        self.ejection = ejection
+        self._clock = clock  # for ejection cooldowns (injected by tests)
         self._config = config
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -233,13 +257,42 @@ class UpstreamPool:
         async def probe(upstream: Upstream) -> None:
             try:
                 response = await client.get(f"{upstream.url}/health")
-                upstream.healthy = response.status_code == 200
-                upstream.last_error = None if upstream.healthy else f"/health {response.status_code}"
             except httpx.HTTPError as exc:
                 upstream.healthy = False
                 upstream.last_error = type(exc).__name__
+                return
+            if response.status_code != 200:
+                upstream.healthy = False
+                upstream.last_error = f"/health {response.status_code}"
+            elif self._clock() >= upstream.ejected_until:
+                upstream.healthy = True
+                upstream.last_error = None
+            # else: it answers, but its cooldown is not over; it stays out, last_error says why
 
         await asyncio.gather(*(probe(upstream) for upstream in self.upstreams))
+
+    def eject(self, upstream: Upstream, reason: str) -> None:
+        """Take `upstream` out for its cooldown (doubling with each ejection in a row)."""
+        upstream.ejections += 1
+        cooldown = self.ejection.cooldown_s(upstream.ejections)
+        upstream.ejected_until = self._clock() + cooldown
+        upstream.healthy = False
+        upstream.failures_5xx = 0
+        upstream.last_error = f"{reason} (ejected for {cooldown:g} s)"
+        logger.warning("upstream %s ejected for %g s: %s", upstream.url, cooldown, reason)
+
+    def _answered(self, upstream: Upstream, status: int) -> None:
+        """Count an answer: consecutive 5xx eject it, unless it is the last healthy upstream (a
+        client whose requests make vLLM fail must not take the whole service out); anything else
+        resets the counts."""
+        if status >= 500:
+            upstream.failures_5xx += 1
+            others = any(other.healthy for other in self.upstreams if other is not upstream)
+            if upstream.failures_5xx >= self.ejection.after_5xx and others:
+                self.eject(upstream, f"{upstream.failures_5xx} answers with HTTP 5xx in a row")
+        else:
+            upstream.failures_5xx = 0
+            upstream.ejections = 0
 
     async def _health_loop(self) -> None:
         while True:
@@ -307,8 +360,7 @@ class UpstreamPool:
                     "the gateway has no free connection to vLLM (too many requests in flight); retry shortly"
                 ) from None
             except RETRYABLE as exc:
-                upstream.healthy = False
-                upstream.last_error = type(exc).__name__
+                self.eject(upstream, type(exc).__name__)
                 last_error = exc
                 logger.warning(
                     "upstream %s failed before answering (%s); trying the next one", upstream.url, type(exc).__name__
@@ -317,6 +369,7 @@ class UpstreamPool:
             except httpx.HTTPError as exc:
                 raise UpstreamFailed(f"request to vLLM failed: {type(exc).__name__}") from None
             waited_s = time.perf_counter() - started
+            self._answered(upstream, response.status_code)
             try:
                 if response.status_code >= 400:
                     await raise_for_upstream_status(response)

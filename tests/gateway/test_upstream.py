@@ -157,3 +157,84 @@ def test_with_no_healthy_upstream_the_answer_is_a_fast_503_and_one_reprobe_bring
         finally:
             await pool.stop()
     asyncio.run(go())
+
+
+def test_a_failing_upstream_is_ejected_for_a_cooldown_that_doubles_and_resets() -> None:
+    """Connection failures eject at once, consecutive 5xx after `after_5xx`; the probe cannot bring an
+    upstream back before its cooldown ends, the cooldown doubles with each ejection in a row, and a
+    successful answer resets it. The pool's clock is moved by hand."""
+    now = [1000.0]
+    state = {"mode": "refuse"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)  # the probe always answers: only the cooldown keeps it out
+        if state["mode"] == "refuse":
+            raise httpx.ConnectError("refused")
+        return httpx.Response(500 if state["mode"] == "500" else 200, json={"ok": True})
+    handler.health = True  # type: ignore[attr-defined]
+    pool = UpstreamPool([A], ClientConfig(connect_timeout_s=1, read_timeout_s=1), health_interval_s=60,
+                        transport=httpx.MockTransport(handler),
+                        ejection=upstream_module.Ejection(base_s=2.0, max_s=5.0, after_5xx=3), clock=lambda: now[0])
+    upstream = pool.upstreams[0]
+
+    async def request() -> int:
+        try:
+            async with pool.open("/v1/chat/completions", {}, {}):
+                return 200
+        except (UpstreamUnavailable, upstream_module.UpstreamFailed) as exc:
+            return exc.status_code
+
+    async def go() -> None:
+        await pool.start()
+        try:
+            assert await request() == 503 and not upstream.healthy  # refused: ejected for 2 s
+            assert "ejected for 2 s" in upstream.last_error
+            await pool.check_health()
+            assert not upstream.healthy  # the probe answers, but the cooldown is not over
+            now[0] += 2.0
+            await pool.check_health()
+            assert upstream.healthy
+            assert await request() == 503 and "ejected for 4 s" in upstream.last_error  # again: doubled
+            now[0] += 4.0
+            await pool.check_health()
+            assert await request() == 503 and "ejected for 5 s" in upstream.last_error  # capped at max_s
+            now[0] += 5.0
+            state["mode"] = "ok"
+            await pool.check_health()
+            assert await request() == 200 and upstream.ejections == 0  # an answer resets the doubling
+            state["mode"] = "500"
+            assert [await request() for _ in range(4)] == [502] * 4
+            assert upstream.healthy  # 5xx never take the last healthy upstream out
+        finally:
+            await pool.stop()
+    asyncio.run(go())
+
+
+def test_consecutive_5xx_eject_an_upstream_while_another_is_healthy() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        return httpx.Response(500 if request.url.host == "a.test" else 200, json={"ok": True})
+    handler.health = True  # type: ignore[attr-defined]
+    pool = UpstreamPool([A, B], ClientConfig(connect_timeout_s=1, read_timeout_s=1), health_interval_s=60,
+                        transport=httpx.MockTransport(handler), ejection=upstream_module.Ejection(after_5xx=3))
+
+    async def go() -> list[int]:
+        await pool.start()
+        statuses = []
+        try:
+            for _ in range(10):
+                try:
+                    async with pool.open("/v1/chat/completions", {}, {}):
+                        statuses.append(200)
+                except upstream_module.UpstreamFailed as exc:
+                    statuses.append(exc.status_code)
+        finally:
+            await pool.stop()
+        return statuses
+    statuses = asyncio.run(go())
+    # Round-robin alternates A (500) and B (200) until A's third 500 in a row ejects it; then only B.
+    assert statuses == [502, 200, 502, 200, 502, 200, 200, 200, 200, 200]
+    a = pool.upstreams[0]
+    assert not a.healthy and "3 answers with HTTP 5xx in a row" in a.last_error
