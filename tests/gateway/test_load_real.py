@@ -88,3 +88,50 @@ def test_64_concurrent_streams_end_whole_and_are_counted_exactly(gateway) -> Non
           f"{sent_tokens} completion tokens")
     assert rss_after < 400, f"gateway RSS {rss_after:.0f} MiB"
     assert rss_after - rss_before < 150, f"gateway RSS grew {rss_after - rss_before:.0f} MiB under load"
+
+
+def test_clients_that_stop_reading_are_cut_while_others_are_served(gateway_factory, vllm_server) -> None:
+    """Four clients ask for long streams (1,500 forced tokens with 20 logprobs each: megabytes) and
+    never read. Meanwhile /ready stays 200 and another client's requests are answered; once their
+    writes have waited client_write_timeout_s (2 s here), the four are cut, vLLM's requests end, and
+    each is counted as `client_too_slow`."""
+    import socket
+    import time
+
+    import orjson
+
+    gateway = gateway_factory(client_write_timeout_s=2)
+    before = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
+    body = orjson.dumps({"model": "tiny@none", "messages": [{"role": "user", "content": "Tell me a story."}],
+                         "max_tokens": 1500, "min_tokens": 1500, "logprobs": True, "top_logprobs": 20,
+                         "temperature": 0, "stream": True})
+    sockets = []
+    for _ in range(4):
+        sock = socket.create_connection(("127.0.0.1", gateway.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sockets.append(sock)
+    try:
+        client = gateway.openai_client()
+        for _ in range(3):
+            assert httpx.get(f"{gateway.base_url}/ready", timeout=10).status_code == 200
+            reply = client.chat.completions.create(model="tiny@short", max_tokens=8, temperature=0,
+                                                   messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content
+        deadline = time.monotonic() + 120
+        while True:
+            metrics = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
+            cut = (metric_total(metrics, "dro_gateway_request_errors_total", kind="client_too_slow")
+                   - metric_total(before, "dro_gateway_request_errors_total", kind="client_too_slow"))
+            if cut == 4:
+                break
+            assert time.monotonic() < deadline, f"{cut} of 4 slow readers cut"
+            time.sleep(0.5)
+    finally:
+        for sock in sockets:
+            sock.close()
+    deadline = time.monotonic() + 10  # vLLM's requests were closed with the streams: it aborts them
+    while metric_total(httpx.get(f"{vllm_server.base_url}/metrics", timeout=10).text, "vllm:num_requests_running"):
+        assert time.monotonic() < deadline, "vLLM still runs the cut requests"
+        time.sleep(0.1)
