@@ -90,6 +90,11 @@ def test_64_concurrent_streams_end_whole_and_are_counted_exactly(gateway) -> Non
     assert rss_after - rss_before < 150, f"gateway RSS grew {rss_after - rss_before:.0f} MiB under load"
 
 
+def status_lines(metrics: str) -> list[str]:
+    return [line for line in metrics.splitlines()
+            if line.startswith(("dro_gateway_requests_total{", "dro_gateway_request_errors_total{"))]
+
+
 def test_clients_that_stop_reading_are_cut_while_others_are_served(gateway_factory, vllm_server) -> None:
     """Four clients ask for long streams (1,500 forced tokens with 20 logprobs each: megabytes) and
     never read. Meanwhile /ready stays 200 and another client's requests are answered; once their
@@ -107,8 +112,9 @@ def test_clients_that_stop_reading_are_cut_while_others_are_served(gateway_facto
                          "temperature": 0, "stream": True})
     sockets = []
     for _ in range(4):
-        sock = socket.create_connection(("127.0.0.1", gateway.port))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        sock.connect(("127.0.0.1", gateway.port))
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         sockets.append(sock)
@@ -126,7 +132,7 @@ def test_clients_that_stop_reading_are_cut_while_others_are_served(gateway_facto
                    - metric_total(before, "dro_gateway_request_errors_total", kind="client_too_slow"))
             if cut == 4:
                 break
-            assert time.monotonic() < deadline, f"{cut} of 4 slow readers cut"
+            assert time.monotonic() < deadline, f"{cut} of 4 slow readers cut; {status_lines(metrics)}"
             time.sleep(0.5)
     finally:
         for sock in sockets:
