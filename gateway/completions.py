@@ -220,5 +220,6 @@ async def open_stream(
         include_usage=chat.wants_usage,
         first_event=first_event,
         end=deadlines.end,
+        silence_s=deadlines.silence_s,
         write_timeout_s=write_timeout_s,
     )

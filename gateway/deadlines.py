@@ -30,12 +30,15 @@ WHOLE_REQUEST = "request_deadline"
 class Deadlines:
     end: float | None
     first_byte_timeout_s: float | None
+    # The longest silence allowed from vLLM (read_timeout_s): a wait that ends before the deadline
+    # whatever happens needs no timer of its own (see gateway.relay).
+    silence_s: float = float("inf")
 
     @classmethod
     def start(cls, settings: Settings) -> Deadlines:
         now = asyncio.get_running_loop().time()
         end = now + settings.request_timeout_s if settings.request_timeout_s is not None else None
-        return cls(end=end, first_byte_timeout_s=settings.first_byte_timeout_s)
+        return cls(end=end, first_byte_timeout_s=settings.first_byte_timeout_s, silence_s=settings.read_timeout_s)
 
     def first_event(self) -> tuple[float | None, str]:
         """The deadline for vLLM's first event from now, and the error code if it passes."""

@@ -102,3 +102,18 @@ def test_a_client_that_stops_reading_has_its_stream_cut(gateway_url: str) -> Non
         sock.close()
     ok, _ = _post(gateway_url, "ok", stream=True)  # the gateway serves others as before
     assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
+
+
+def test_the_request_deadline_holds_when_timers_are_armed_only_near_it() -> None:
+    """With a read timeout (1 s) shorter than the request deadline (3 s), the relay arms no timer for
+    most reads (the read timeout would wake a silent stream first) and checks the deadline as reads
+    arrive; the endless drip (a chunk every 0.2 s) is still cut at 3 s."""
+    upstream_port, gateway_port = free_port(), free_port()
+    settings = Settings(upstream_urls=[f"http://127.0.0.1:{upstream_port}"], read_timeout_s=1.0,
+                        first_byte_timeout_s=1.0, request_timeout_s=3.0,
+                        models=[ModelConfig(name="drip", default_variant="none")])
+    with ThreadedServer(fault_app(), upstream_port), ThreadedServer(build_app(settings), gateway_port):
+        response, elapsed = _post(f"http://127.0.0.1:{gateway_port}", "drip", stream=True)
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and orjson.loads(events[-2])["error"]["code"] == "request_deadline"
+    assert 3.0 <= elapsed < 6, elapsed
