@@ -5,15 +5,16 @@
   (`first_byte_timeout_s` from the moment it is asked for, never later than the end).
 - `within(deadline, awaitable, code=...)`: the awaitable's result, or DeadlineExceeded (504, or an
   error event mid-stream) when the deadline passes first; the awaitable is cancelled, which closes
-  the vLLM request and so aborts its generation. Deadlines are event-loop times (monotonic); None
-  means no deadline.
+  the vLLM request and so aborts its generation.
+- `bounded(batches, ...)`: a stream's batches of events under the first-event and end deadlines.
+Deadlines are event-loop times (monotonic); None means no deadline.
 Knows nothing about HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -56,6 +57,11 @@ MESSAGES = {
 }
 
 
+def exceeded(code: str) -> DeadlineExceeded:
+    """The error for a deadline that passed (`FIRST_EVENT` or `WHOLE_REQUEST`)."""
+    return DeadlineExceeded(MESSAGES[code], code=code)
+
+
 async def within(deadline: float | None, awaitable: Awaitable[T], *, code: str) -> T:
     if deadline is None:
         return await awaitable
@@ -65,5 +71,35 @@ async def within(deadline: float | None, awaitable: Awaitable[T], *, code: str) 
             return await awaitable
     except TimeoutError:
         if timer.expired():
-            raise DeadlineExceeded(MESSAGES[code], code=code) from None
+            raise exceeded(code) from None
         raise
+
+
+async def bounded(
+    batches: AsyncIterator[T],
+    *,
+    first_event: tuple[float | None, str],
+    end: float | None,
+    silence_s: float = float("inf"),
+) -> AsyncGenerator[T, None]:
+    """`batches` until they end, under `first_event` (deadline, code) for the first and `end` for
+    the rest; DeadlineExceeded when one passes.
+
+    A timer costs about 10 us a wait, as much as relaying a chunk, so after the first batch one is
+    armed only within `silence_s` (the read timeout) of the end: before that, the read timeout
+    wakes a silent stream first, and the deadline is checked as each batch arrives. No timer spans
+    a yield: each one bounds a single wait for the next batch."""
+    loop = asyncio.get_running_loop()
+    try:
+        yield await within(first_event[0], anext(batches), code=first_event[1])
+    except StopAsyncIteration:
+        return
+    while True:
+        timed = end is not None and end - loop.time() < silence_s
+        try:
+            batch = await (within(end, anext(batches), code=WHOLE_REQUEST) if timed else anext(batches))
+        except StopAsyncIteration:
+            return
+        if end is not None and loop.time() >= end:
+            raise exceeded(WHOLE_REQUEST)
+        yield batch

@@ -22,9 +22,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.accounting import Accounting
-from gateway.deadlines import MESSAGES as DEADLINE_MESSAGES
-from gateway.deadlines import WHOLE_REQUEST, within
-from gateway.errors import DeadlineExceeded, error_sse, to_gateway_error
+from gateway.deadlines import WHOLE_REQUEST, bounded
+from gateway.errors import error_sse, to_gateway_error
 from gateway.sse import DONE_EVENT, encode_event
 from gateway.upstream import UpstreamResponse
 
@@ -57,29 +56,14 @@ async def relay(
     silence_s: float = float("inf"),
 ) -> AsyncIterator[bytes]:
     """The SSE body sent to the client for one upstream stream; `first_event` is the deadline for
-    vLLM's first event and its error code, `end` the deadline for the last (event-loop times).
-
-    A timer costs about 10 us a wait, as much as relaying a chunk, so after the first event one is
-    armed only within `silence_s` (the read timeout) of the end: before that, the read timeout
-    wakes a silent stream first, and the deadline is checked as each read arrives."""
-    loop = asyncio.get_running_loop()
+    vLLM's first event and its error code, `end` the deadline for the last (event-loop times), both
+    applied by `gateway.deadlines.bounded`."""
     try:
-        async with contextlib.aclosing(upstream.event_batches()) as batches:
-            deadline, code = first_event
-            first = True
-            while True:
-                if not first and deadline is not None and deadline - loop.time() >= silence_s:
-                    waiting = anext(batches)  # the read timeout fires before the deadline could
-                else:
-                    waiting = within(deadline, anext(batches), code=code)
-                try:
-                    batch = await waiting
-                except StopAsyncIteration:
-                    break
-                if not first and deadline is not None and loop.time() >= deadline:
-                    raise DeadlineExceeded(DEADLINE_MESSAGES[WHOLE_REQUEST], code=WHOLE_REQUEST)
-                first = False
-                deadline, code = end, WHOLE_REQUEST
+        async with (
+            contextlib.aclosing(upstream.event_batches()) as batches,
+            contextlib.aclosing(bounded(batches, first_event=first_event, end=end, silence_s=silence_s)) as timed,
+        ):
+            async for batch in timed:
                 parts = []
                 for chunk in batch:
                     accounting.chunk(chunk)

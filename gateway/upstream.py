@@ -10,10 +10,10 @@ Failure handling:
 - A connection that fails before any response byte ejects that upstream and the request goes to
   the next one; so do `Ejection.after_5xx` consecutive 5xx answers, unless no other upstream is
   healthy (5xx can follow from what a client sends; they never take the last upstream out). An
-  ejected upstream stays out
-  for a cooldown that doubles with each ejection in a row (`Ejection.base_s` up to `max_s`), even
-  if its health probe answers in the meantime, so a flapping or crash-looping vLLM is not hammered;
-  after the cooldown a successful probe brings it back, and a successful answer resets the count.
+  ejected upstream stays out for a cooldown that doubles with each ejection in a row
+  (`Ejection.base_s` up to `max_s`), even if its health probe answers in the meantime, so a
+  flapping or crash-looping vLLM is not hammered; after the cooldown a successful probe brings it
+  back, and a successful answer resets the count.
 - Health probes use their own small client, so a request pool saturated by slow clients can
   neither delay them nor make them fail.
 - No connection free in the request pool within the connect timeout is local overload: 503

@@ -37,7 +37,7 @@ from safeprompt.artifact import (
 )
 from safeprompt.embeds import WIRE_DTYPES
 from safeprompt.files import atomic_directory
-from safeprompt.torch_payload import dtype_name, payload_bytes
+from safeprompt.torch_payload import TORCH_DTYPES, dtype_name, payload_bytes
 
 
 def check_tensors(manifest: Manifest, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -58,7 +58,7 @@ def check_tensors(manifest: Manifest, tensors: dict[str, torch.Tensor], where: s
     if not torch.isfinite(soft).all():
         raise ArtifactError(f"{where}: soft_prompt contains NaN or Inf")
     for dtype in WIRE_DTYPES:  # e.g. float32 values beyond float16's range
-        if not torch.isfinite(soft.to(getattr(torch, dtype))).all():
+        if not torch.isfinite(soft.to(TORCH_DTYPES[dtype])).all():
             raise ArtifactError(f"{where}: soft_prompt overflows {dtype}, a dtype vLLM may serve it in")
 
 
