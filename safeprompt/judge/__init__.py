@@ -8,6 +8,8 @@ metrics.
   figures comparable with the paper.
 - `phrases` (`PhraseJudge`, `safeprompt.judge.phrases`): broader phrase rules over the opening of the
   answer; the default (measured against hand labels in docs/judges.md).
+- `learned` (`LearnedJudge`, `safeprompt.judge.learned`): a logistic-regression model over the
+  opening's words with the phrase rules as features, weights in `refusal_model.json`.
 
 Every judge reads only an opening *window* of the answer. `window_closed(text)` says when more text
 can no longer change the verdict, which lets `StreamVerdict` stop buffering a streamed answer and
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from safeprompt.files import sha256_text
 from safeprompt.judge.base import Judge, Verdict
+from safeprompt.judge.learned import LearnedJudge
 from safeprompt.judge.paper import (
     INLINE_LIST,
     LIST_MARKERS,
@@ -36,7 +39,7 @@ from safeprompt.judge.phrases import PhraseJudge
 from safeprompt.judge.stream import StreamVerdict
 
 # Registry of judge factories by name.
-JUDGES: dict[str, Callable[[], Judge]] = {"paper": PaperMatcher, "phrases": PhraseJudge}
+JUDGES: dict[str, Callable[[], Judge]] = {"learned": LearnedJudge, "paper": PaperMatcher, "phrases": PhraseJudge}
 DEFAULT_JUDGE = "phrases"
 
 
@@ -46,8 +49,11 @@ def judge_revision(name: str) -> str:
     The trainer puts it into the label stage's fingerprint, so labels judged by an older revision of a
     judge are judged again rather than reused under the same name.
     """
-    source = Path(inspect.getfile(type(get_judge(name)))).read_text(encoding="utf-8")
-    return sha256_text(source)[:16]
+    judge = get_judge(name)
+    source = Path(inspect.getfile(type(judge))).read_text(encoding="utf-8")
+    # A judge built on other parts (the learned judge: the phrase rules and its weights) names them.
+    extra = getattr(judge, "revision_material", "")
+    return sha256_text(source + extra)[:16]
 
 
 def get_judge(name: str) -> Judge:
@@ -63,6 +69,7 @@ __all__ = [
     "DEFAULT_JUDGE",
     "INLINE_LIST",
     "JUDGES",
+    "LearnedJudge",
     "LIST_MARKERS",
     "MATCH_STRINGS",
     "WINDOW_PARAGRAPHS",
