@@ -22,8 +22,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-GATEWAY_MODULES = ("fastapi", "uvicorn", "httpx", "prometheus_client", "orjson", "pybase64", "pydantic_settings",
-                   "yaml", "safetensors", "torch")
+# The gateway's runtime (aiohttp its client to vLLM), plus what the benchmark itself uses (httpx: stack's
+# readiness probes; safetensors and torch: the soft-prompt artifact).
+GATEWAY_MODULES = ("fastapi", "uvicorn", "aiohttp", "prometheus_client", "orjson", "pybase64", "pydantic_settings",
+                   "yaml", "httpx", "safetensors", "torch")
 # Llama-2-7B's shape with SmolLM2's vocabulary (the tokenizer that can be carried).
 LLAMA2_7B_SHAPE = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,

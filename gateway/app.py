@@ -3,7 +3,8 @@
 `build_app(settings)` builds the `Service` (loading and validating every artifact, refusing to build
 on a mismatch), keeps it on `app.state.service`, installs the error handlers and registers the
 routes, which get the service through the `get_service` dependency. The lifespan starts the
-upstream pool (its HTTP client and health checks) and stops it. Nothing is created at import time.
+upstream pool (its HTTP sessions, made in the running event loop, and health checks) and stops it.
+Nothing is created at import time.
 `create_app()` is the zero-argument factory uvicorn uses (settings from the environment and
 `GATEWAY_CONFIG`).
 """
@@ -14,7 +15,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -29,9 +29,9 @@ from safeprompt.prompts import VARIANT_SEPARATOR
 ServiceDependency = Annotated[Service, Depends(get_service)]
 
 
-def build_app(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """The gateway for `settings`; `transport` replaces the network under the upstream client (tests)."""
-    service = build_service(settings, transport=transport)
+def build_app(settings: Settings) -> FastAPI:
+    """The gateway for `settings` (tests point `upstream_urls` at a server on loopback)."""
+    service = build_service(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

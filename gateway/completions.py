@@ -6,7 +6,7 @@ upstream body from it (`gateway.safety.build_upstream_body`) and either relays a
 hands the stream to `gateway.relay`. Every exception, expected or not, becomes the client's error
 through `gateway.errors.to_gateway_error`, with the request id and variant headers. `Accounting`
 records the request and is finished exactly once: here, or by the relay once a stream began.
-Knows nothing about httpx (the upstream pool raises only gateway errors) or metrics' internals.
+Knows nothing about the HTTP client (the upstream pool raises only gateway errors) or metrics' internals.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `Service` holds the settings, the served models with their variants, the client API keys, the
 refusal judge, the Prometheus metrics, the upstream pool and admission control (rates, concurrency).
 `build_service(settings)` loads and validates every artifact (raising `ArtifactError` on a
-mismatch) and registers the variants with the metrics; the pool's HTTP client is made later, in the
+mismatch) and registers the variants with the metrics; the pool's HTTP session is made later, in the
 app's lifespan (`UpstreamPool.start`). Routes get the service through the FastAPI dependency
 `get_service`. Nothing here is created at import time.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import httpx
 from fastapi import Request
 
 from gateway.accounting import Accounting
@@ -57,8 +56,8 @@ def check_settings(settings: Settings) -> None:
     get_judge(settings.judge)
 
 
-def build_service(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Service:
-    """The service for `settings`; `transport` replaces the network under the upstream client (tests)."""
+def build_service(settings: Settings) -> Service:
+    """The service for `settings`."""
     models = load_models(settings)
     metrics = GatewayMetrics()
     for model in models.values():
@@ -72,7 +71,6 @@ def build_service(settings: Settings, *, transport: httpx.AsyncBaseTransport | N
             connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s, api_key=api_key
         ),
         health_interval_s=settings.health_interval_s,
-        transport=transport,
         ejection=Ejection(base_s=settings.eject_base_s, max_s=settings.eject_max_s, after_5xx=settings.eject_after_5xx),
     )
     keys = KeyRing.from_settings(settings)

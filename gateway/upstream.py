@@ -1,10 +1,14 @@
-"""The vLLM upstreams: one shared httpx client, round-robin over healthy servers, health checks.
+"""The vLLM upstreams: one shared aiohttp session, round-robin over healthy servers, health checks.
 
 The one place where transport failures become gateway errors: `UpstreamPool.open` and the
 `UpstreamResponse` it yields raise only `gateway.errors` types (unavailable, overloaded, timeout,
-rejected, failed, disconnected), never httpx's, so callers handle one error family. The clients are
-made in `start()` (the app's lifespan) and closed in `stop()`; tests hand in an httpx transport.
-Knows nothing about chat semantics: it sends JSON bodies and returns JSON answers or SSE events.
+rejected, failed, disconnected), never aiohttp's, so callers handle one error family. The sessions
+are made in `start()` (the app's lifespan, inside the running event loop) and closed in `stop()`;
+tests point the pool at a server on loopback. Knows nothing about chat semantics: it sends JSON
+bodies and returns JSON answers or SSE events as bytes arrive.
+
+aiohttp rather than httpx: httpcore's pool scanned every connection on each request, 1 ms of CPU a
+request at concurrency 1 and 3.5 ms at 32, 46% of the gateway's CPU (docs/performance.md, section 2).
 
 Failure handling:
 - A connection that fails before any response byte ejects that upstream and the request goes to
@@ -14,10 +18,12 @@ Failure handling:
   (`Ejection.base_s` up to `max_s`), even if its health probe answers in the meantime, so a
   flapping or crash-looping vLLM is not hammered; after the cooldown a successful probe brings it
   back, and a successful answer resets the count.
-- Health probes use their own small client, so a request pool saturated by slow clients can
+- Health probes use their own small session, so a request pool saturated by slow clients can
   neither delay them nor make them fail.
 - No connection free in the request pool within the connect timeout is local overload: 503
-  `overloaded` with Retry-After, and vLLM stays marked healthy.
+  `overloaded` with Retry-After, and vLLM stays marked healthy. The pool's connections are counted
+  here (`UpstreamPool._free`) as well as by aiohttp's connector, because aiohttp reports a wait for a
+  free connection and a connect timeout with the same exception, and only the second is vLLM's fault.
 - With no upstream known healthy, a request triggers one immediate probe round (shared by all
   requests waiting, at most one a second) and, if none answers, gets a fast 503 with Retry-After
   instead of waiting on dead or hung servers.
@@ -30,11 +36,11 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from gateway.errors import (
@@ -51,13 +57,14 @@ from gateway.sse import EventParser, IncompleteStream
 logger = logging.getLogger("gateway.upstream")
 
 # Errors raised before any response byte arrived, when the server closed a pooled keep-alive
-# connection just as it was reused (or refused the connection): safe to retry on another upstream.
+# connection just as it was reused, refused the connection or did not accept it in time, or the
+# connection broke while the request was written: safe to retry on another upstream.
+# (ClientOSError covers ClientConnectorError, a refused or unresolvable connection.)
 RETRYABLE = (
-    httpx.ConnectError,
-    httpx.ConnectTimeout,
-    httpx.RemoteProtocolError,
-    httpx.ReadError,
-    httpx.WriteError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientConnectionResetError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ConnectionTimeoutError,
 )
 PROBE_TIMEOUT_S = 2.0
 MIN_REPROBE_S = 1.0  # a request finding no healthy upstream probes again at most this often
@@ -87,34 +94,37 @@ class Ejection:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    connect_timeout_s: float
-    read_timeout_s: float  # longest silence allowed between two bytes from vLLM
+    connect_timeout_s: float  # to connect, and to wait for a free connection in the pool
+    read_timeout_s: float  # longest silence allowed between two bytes from vLLM, once the request is sent
     api_key: str | None = None
+    max_connections: int = 512  # to all upstreams together; more requests wait (connect_timeout_s), then 503
+    # Below uvicorn's and vLLM's 5 s keep-alive, so the client never reuses a connection the
+    # server is closing.
+    keepalive_s: float = 4.0
 
 
-def build_client(config: ClientConfig, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=config.connect_timeout_s, read=config.read_timeout_s, write=30.0, pool=config.connect_timeout_s
-        ),
-        # Below uvicorn's and vLLM's 5 s keep-alive, so the client never reuses a connection the
-        # server is closing.
-        limits=httpx.Limits(max_connections=512, max_keepalive_connections=64, keepalive_expiry=4.0),
-        headers=headers,
-        transport=transport,
+def build_session(
+    config: ClientConfig, *, max_connections: int, timeout: aiohttp.ClientTimeout
+) -> aiohttp.ClientSession:
+    """A session to vLLM; made inside the running event loop (the app's lifespan), closed with it.
+
+    No cookie jar: vLLM sets no cookies, and a proxy must not carry one client's into another's
+    request. Proxy variables in the environment are not read (aiohttp's default, `trust_env=False`):
+    vLLM is reached directly."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=config.keepalive_s),
+        timeout=timeout,
+        headers={"Authorization": f"Bearer {config.api_key}"} if config.api_key else None,
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
 
 
-@contextlib.contextmanager
-def _reading(*, timeout_message: str, dropped_message: str) -> Iterator[None]:
-    """Translate a failure while reading an answer's body into the gateway's errors."""
-    try:
-        yield
-    except httpx.TimeoutException:
-        raise UpstreamTimeout(timeout_message) from None
-    except httpx.HTTPError:
-        raise UpstreamDisconnected(dropped_message) from None
+def _read_failure(exc: BaseException, *, timeout_message: str, dropped_message: str) -> Exception:
+    """The gateway error for a failure while reading an answer's body: a silence longer than the
+    read timeout, or a connection that broke or closed before the body's end."""
+    if isinstance(exc, TimeoutError):  # aiohttp's SocketTimeoutError is one
+        return UpstreamTimeout(timeout_message)
+    return UpstreamDisconnected(dropped_message)
 
 
 def _too_large(max_bytes: int) -> str:
@@ -130,7 +140,7 @@ class UpstreamResponse:
     `waited_s` is the time spent waiting on vLLM so far: until the headers, plus every body read.
     """
 
-    def __init__(self, response: httpx.Response, waited_s: float) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, waited_s: float) -> None:
         self._response = response
         self.waited_s = waited_s
 
@@ -139,22 +149,25 @@ class UpstreamResponse:
 
         An answer larger than `max_bytes` raises UpstreamResponseTooLarge as soon as it is known to
         be (its declared length, or the bytes read so far): it is never held whole in memory."""
-        declared = self._response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
+        declared = self._response.content_length
+        if declared is not None and declared > max_bytes:
             raise UpstreamResponseTooLarge(_too_large(max_bytes))
+        content = self._response.content
         started = time.perf_counter()
         chunks: list[bytes] = []
         size = 0
         try:
-            with _reading(
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise UpstreamResponseTooLarge(_too_large(max_bytes))
+                chunks.append(chunk)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _read_failure(
+                exc,
                 timeout_message="vLLM did not finish the answer in time",
                 dropped_message="vLLM closed the connection before the answer was complete",
-            ):
-                async for chunk in self._response.aiter_bytes():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise UpstreamResponseTooLarge(_too_large(max_bytes))
-                    chunks.append(chunk)
+            ) from None
         finally:
             self.waited_s += time.perf_counter() - started
         try:
@@ -173,22 +186,21 @@ class UpstreamResponse:
         silence longer than the read timeout UpstreamTimeout.
         """
         parser = EventParser()
-        reads = self._response.aiter_bytes()
+        content = self._response.content
         try:
             while not parser.done:
                 started = time.perf_counter()
                 try:
-                    with _reading(
+                    data = await content.readany()  # all that has arrived; b"" at the end of the body
+                except (aiohttp.ClientError, OSError) as exc:
+                    raise _read_failure(
+                        exc,
                         timeout_message="vLLM stopped sending in the middle of the answer",
                         dropped_message="vLLM dropped the connection in the middle of the answer",
-                    ):
-                        data = await anext(reads)
-                except StopAsyncIteration:
-                    events = parser.close()
-                else:
-                    events = parser.feed(data)
+                    ) from None
                 finally:
                     self.waited_s += time.perf_counter() - started
+                events = parser.feed(data) if data else parser.close()
                 if events:
                     yield events
         except IncompleteStream:
@@ -202,7 +214,6 @@ class UpstreamPool:
         config: ClientConfig,
         *,
         health_interval_s: float,
-        transport: httpx.AsyncBaseTransport | None = None,
         ejection: Ejection = Ejection(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -211,29 +222,35 @@ class UpstreamPool:
         self.ejection = ejection
         self._clock = clock  # for ejection cooldowns (injected by tests)
         self._config = config
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-        self._health_client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._health_session: aiohttp.ClientSession | None = None
+        self._free: asyncio.Semaphore | None = None  # connections left in the request pool
         self._next = 0
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self._probed_at = 0.0
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
             raise RuntimeError("the upstream pool is not started (the app's lifespan starts it)")
-        return self._client
+        return self._session
 
     # --- lifecycle and health ------------------------------------------------------------------
     async def start(self) -> None:
-        self._client = build_client(self._config, self._transport)
-        self._health_client = httpx.AsyncClient(
-            timeout=PROBE_TIMEOUT_S,
-            limits=httpx.Limits(max_connections=4 * len(self.upstreams)),
-            headers=self._client.headers,
-            transport=self._transport,
+        config = self._config
+        self._session = build_session(
+            config,
+            max_connections=config.max_connections,
+            # No total: a stream may last as long as its deadlines allow (gateway.deadlines).
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=config.connect_timeout_s, sock_read=config.read_timeout_s
+            ),
         )
+        self._health_session = build_session(
+            config, max_connections=4 * len(self.upstreams), timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+        )
+        self._free = asyncio.Semaphore(config.max_connections)
         await self.check_health()
         self._task = asyncio.create_task(self._health_loop(), name="upstream-health")
 
@@ -243,27 +260,28 @@ class UpstreamPool:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        for client in (self._client, self._health_client):
-            if client is not None:
-                await client.aclose()
-        self._client = self._health_client = None
+        for session in (self._session, self._health_session):
+            if session is not None:
+                await session.close()
+        self._session = self._health_session = None
 
     async def check_health(self) -> None:
-        client = self._health_client
-        if client is None:
+        session = self._health_session
+        if session is None:
             raise RuntimeError("the upstream pool is not started (the app's lifespan starts it)")
         self._probed_at = time.monotonic()
 
         async def probe(upstream: Upstream) -> None:
             try:
-                response = await client.get(f"{upstream.url}/health")
-            except httpx.HTTPError as exc:
+                async with session.get(f"{upstream.url}/health", allow_redirects=False) as response:
+                    status = response.status
+            except (aiohttp.ClientError, OSError) as exc:  # OSError: TimeoutError, PROBE_TIMEOUT_S passed
                 upstream.healthy = False
                 upstream.last_error = type(exc).__name__
                 return
-            if response.status_code != 200:
+            if status != 200:
                 upstream.healthy = False
-                upstream.last_error = f"/health {response.status_code}"
+                upstream.last_error = f"/health {status}"
             elif self._clock() >= upstream.ejected_until:
                 upstream.healthy = True
                 upstream.last_error = None
@@ -334,71 +352,96 @@ class UpstreamPool:
 
     # --- requests ------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[None]:
+        """A connection of the request pool is ours until exit; GatewayOverloaded when none is
+        free within the connect timeout."""
+        free = self._free
+        if free is None:
+            raise RuntimeError("the upstream pool is not started (the app's lifespan starts it)")
+        if free.locked():
+            timer = asyncio.timeout(self._config.connect_timeout_s)
+            try:
+                async with timer:
+                    await free.acquire()
+            except TimeoutError:
+                if not timer.expired():
+                    raise
+                raise GatewayOverloaded(
+                    "the gateway has no free connection to vLLM (too many requests in flight); retry shortly"
+                ) from None
+        else:
+            await free.acquire()  # at once: no timer to arm
+        try:
+            yield
+        finally:
+            free.release()
+
+    @contextlib.asynccontextmanager
     async def open(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[UpstreamResponse]:
         """POST `body` and yield the answer once its headers arrived, body unread.
 
         Tries each candidate upstream once for failures that happen before any response byte;
-        the response is closed on exit (closing a stream makes vLLM abort the request).
-        Raises UpstreamUnavailable, UpstreamTimeout, UpstreamRejected (4xx) or UpstreamFailed.
+        the response is released on exit: its connection goes back to the pool when the body was
+        read to the end, and is closed otherwise (closing a stream makes vLLM abort the request).
+        Raises UpstreamUnavailable, GatewayOverloaded, UpstreamTimeout, UpstreamRejected (4xx) or
+        UpstreamFailed.
         """
         payload = orjson.dumps(body)
+        request_headers = {"Content-Type": "application/json", **headers}
+        candidates = await self._candidates()
+        session = self.session
         last_error: Exception | None = None
-        for upstream in await self._candidates():
-            request = self.client.build_request(
-                "POST",
-                f"{upstream.url}{path}",
-                content=payload,
-                headers={"Content-Type": "application/json", **headers},
-            )
-            started = time.perf_counter()
-            try:
-                response = await self.client.send(request, stream=True)
-            except httpx.ReadTimeout:
-                raise UpstreamTimeout(f"vLLM at {upstream.url} did not answer in time") from None
-            except httpx.PoolTimeout:
-                raise GatewayOverloaded(
-                    "the gateway has no free connection to vLLM (too many requests in flight); retry shortly"
-                ) from None
-            except RETRYABLE as exc:
-                self.eject(upstream, type(exc).__name__)
-                last_error = exc
-                logger.warning(
-                    "upstream %s failed before answering (%s); trying the next one", upstream.url, type(exc).__name__
-                )
-                continue
-            except httpx.HTTPError as exc:
-                raise UpstreamFailed(f"request to vLLM failed: {type(exc).__name__}") from None
-            waited_s = time.perf_counter() - started
-            self._answered(upstream, response.status_code)
-            try:
-                if response.status_code >= 400:
-                    await raise_for_upstream_status(response)
-                yield UpstreamResponse(response, waited_s)
-            finally:
-                await response.aclose()
-            return
+        async with self._connection():
+            for upstream in candidates:
+                started = time.perf_counter()
+                try:
+                    response = await session.post(
+                        f"{upstream.url}{path}", data=payload, headers=request_headers, allow_redirects=False
+                    )
+                except aiohttp.SocketTimeoutError:  # read timeout while waiting for the headers
+                    raise UpstreamTimeout(f"vLLM at {upstream.url} did not answer in time") from None
+                except RETRYABLE as exc:
+                    self.eject(upstream, type(exc).__name__)
+                    last_error = exc
+                    logger.warning(
+                        "upstream %s failed before answering (%s); trying the next one",
+                        upstream.url,
+                        type(exc).__name__,
+                    )
+                    continue
+                except (aiohttp.ClientError, OSError) as exc:
+                    raise UpstreamFailed(f"request to vLLM failed: {type(exc).__name__}") from None
+                waited_s = time.perf_counter() - started
+                self._answered(upstream, response.status)
+                try:
+                    if response.status >= 400:
+                        await raise_for_upstream_status(response)
+                    yield UpstreamResponse(response, waited_s)
+                finally:
+                    response.release()
+                return
         raise UpstreamUnavailable(
             f"no vLLM upstream is reachable ({type(last_error).__name__ if last_error else 'none healthy'})",
             retry_after_s=math.ceil(self.health_interval_s),
         )
 
 
-async def raise_for_upstream_status(response: httpx.Response) -> None:
+async def raise_for_upstream_status(response: aiohttp.ClientResponse) -> None:
     """Turn a vLLM error response into the gateway error that passes its status and message on."""
     try:
-        body = orjson.loads(await response.aread())
-    except (orjson.JSONDecodeError, httpx.HTTPError):
+        body = orjson.loads(await response.read())
+    except (orjson.JSONDecodeError, aiohttp.ClientError, OSError):
         body = {}
     if not isinstance(body, dict):
         body = {}
     error: dict[str, Any] = body["error"] if isinstance(body.get("error"), dict) else body
-    message = str(error.get("message") or f"vLLM answered HTTP {response.status_code}")
-    if 400 <= response.status_code < 500:
+    message = str(error.get("message") or f"vLLM answered HTTP {response.status}")
+    if 400 <= response.status < 500:
         raise UpstreamRejected(
             message,
-            status_code=response.status_code,
+            status_code=response.status,
             param=error.get("param"),
             code=error.get("code") if isinstance(error.get("code"), str) else None,
             error_type=error.get("type") if isinstance(error.get("type"), str) else None,
         )
-    raise UpstreamFailed(f"vLLM failed with HTTP {response.status_code}: {message}")
+    raise UpstreamFailed(f"vLLM failed with HTTP {response.status}: {message}")

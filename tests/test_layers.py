@@ -52,8 +52,10 @@ def test_the_rule_sees_lazy_imports(tmp_path: Path) -> None:
 
 
 # What the gateway's image does not carry (pyproject's `train` extra): no module the gateway
-# imports, directly or through safeprompt, may import these, lazily or not.
-TRAINING_ONLY = {"torch", "numpy", "safetensors", "transformers", "sklearn", "accelerate", "gguf", "matplotlib"}
+# imports, directly or through safeprompt, may import these, lazily or not. httpx is the offline
+# client's (safeprompt/client.py); the gateway's path to vLLM is aiohttp (gateway/upstream.py).
+TRAINING_ONLY = {"torch", "numpy", "safetensors", "transformers", "sklearn", "accelerate", "gguf", "matplotlib",
+                 "httpx"}
 
 
 def module_file(dotted: str) -> Path | None:

@@ -1,12 +1,13 @@
-"""The chat route in-process: the real app with its upstream replaced by an httpx `MockTransport`
-(no network, no server), a mock vLLM that records every body it receives, and small helpers to
-post requests and read answers, streams and metrics."""
+"""The chat route in-process: the real app (in Starlette's TestClient, no server of its own) in front
+of a scripted mock vLLM over real HTTP on loopback (tests/gateway/scripted_upstream.py) that records
+every chat body it receives, and small helpers to post requests and read answers, streams and
+metrics."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import httpx
 import orjson
@@ -15,10 +16,10 @@ from fastapi.testclient import TestClient
 from gateway.app import build_app
 from gateway.service import Service
 from gateway.settings import ModelConfig, Settings
+from tests.gateway.scripted_upstream import Received, Reply, ScriptedUpstream
 
-UPSTREAM = "http://vllm.test"
 ROUTE = "/v1/chat/completions"
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = Callable[[Received], Reply]
 
 
 def answer(text: str) -> dict:
@@ -35,43 +36,44 @@ def chunk(text: str | None, usage: dict | None = None) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def sse(parts: list[bytes], fail: Exception | None = None) -> httpx.Response:
-    async def body() -> AsyncIterator[bytes]:
-        for part in parts:
-            yield part
-        if fail is not None:
-            raise fail
-    return httpx.Response(200, content=body(), headers={"Content-Type": "text/event-stream"})
+def sse(parts: list, then: Literal["end", "drop", "stall"] = "end") -> Reply:
+    """An SSE stream of `parts`, each its own write, then the end (or a drop, or silence)."""
+    return Reply(parts=parts, then=then)
 
 
 class Upstream:
-    """The mock vLLM: answers /health, records every chat body it gets, answers with `chat`."""
+    """The mock vLLM's script: answers /health, records every chat body it gets, answers with `chat`."""
 
     def __init__(self, chat: Handler) -> None:
         self.chat = chat
         self.bodies: list[dict] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/health":
-            return httpx.Response(200)
-        self.bodies.append(orjson.loads(request.content))
+    def __call__(self, request: Received) -> Reply:
+        if request.path == "/health":
+            return Reply(200)
+        self.bodies.append(request.json())
         return self.chat(request)
+
+
+def gateway_settings(upstream_url: str, *, model: dict[str, Any] | None = None, **settings: Any) -> Settings:
+    """Settings serving model `tiny` (default variant `short`, fields of `model` added) from `upstream_url`."""
+    config = ModelConfig(**{"name": "tiny", "upstream_model": "tiny-llama", "default_variant": "short", **(model or {})})
+    return Settings(upstream_urls=[upstream_url], judge="paper", models=[config], **settings)
 
 
 def start_gateway(running: contextlib.ExitStack, chat: Handler, *, model: dict[str, Any] | None = None,
                   **settings: Any) -> tuple[TestClient, Service, Upstream]:
     """The gateway (lifespan included, closed with `running`) serving model `tiny` (default variant
-    `short`, fields of `model` added) in front of a mock vLLM answering `chat`."""
+    `short`, fields of `model` added) in front of a mock vLLM on loopback answering `chat`."""
     upstream = Upstream(chat)
-    config = ModelConfig(**{"name": "tiny", "upstream_model": "tiny-llama", "default_variant": "short", **(model or {})})
-    app = build_app(Settings(upstream_urls=[UPSTREAM], judge="paper", models=[config], **settings),
-                    transport=httpx.MockTransport(upstream))
+    server = running.enter_context(ScriptedUpstream(upstream))
+    app = build_app(gateway_settings(server.url, model=model, **settings))
     client = running.enter_context(TestClient(app))
     return client, app.state.service, upstream
 
 
-def ok(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, json=answer("Bread needs flour."))
+def ok(request: Received) -> Reply:
+    return Reply(json=answer("Bread needs flour."))
 
 
 def sample(service: Service, name: str, **labels: str) -> float | None:

@@ -8,13 +8,13 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from gateway.admission import Admission, TokenBucket
 from gateway.auth import hash_key
 from gateway.errors import GatewayOverloaded, RateLimited
 from tests.gateway.mock_vllm import answer, error_of, ok, post, start_gateway
+from tests.gateway.scripted_upstream import Received, Reply
 
 
 class Clock:
@@ -119,9 +119,8 @@ def test_a_key_over_its_tokens_per_minute_is_refused_after_the_answer_that_spent
 
 
 def test_streams_hold_their_slot_until_they_end(running) -> None:
-    def stream(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=b'data: {"choices": []}\n\ndata: [DONE]\n\n',
-                              headers={"Content-Type": "text/event-stream"})
+    def stream(request: Received) -> Reply:
+        return Reply(body=b'data: {"choices": []}\n\ndata: [DONE]\n\n', headers={"Content-Type": "text/event-stream"})
     client, service, _ = start_gateway(running, stream, max_concurrent_requests=1, max_queued_requests=0)
     for _ in range(3):  # each stream frees its slot when it ends, so the next one gets it
         assert post(client, stream=True).status_code == 200
@@ -131,7 +130,7 @@ def test_streams_hold_their_slot_until_they_end(running) -> None:
 
 
 def test_the_answer_of_a_full_gateway_is_a_503_overloaded(running) -> None:
-    client, service, _ = start_gateway(running, lambda r: httpx.Response(200, json=answer("x")),
+    client, service, _ = start_gateway(running, lambda r: Reply(json=answer("x")),
                                        max_concurrent_requests=1, max_queued_requests=0)
     taken = asyncio.run(service.admission.acquire())  # one slot, held elsewhere
     response = post(client)
@@ -156,10 +155,10 @@ def test_a_key_may_have_only_so_many_requests_in_flight() -> None:
 
 def test_a_keys_in_flight_count_returns_to_zero_however_its_requests_end(running) -> None:
     keys = [{"name": "one-at-a-time", "sha256": hash_key(KEY), "models": ["tiny"], "max_concurrent_requests": 1}]
-    outcomes = iter([httpx.Response(200, json=answer("a")), httpx.Response(500, json={"error": {"message": "x"}}),
-                     httpx.Response(200, content=b'data: {"choices": []}\n\ndata: [DONE]\n\n',
-                                    headers={"Content-Type": "text/event-stream"}),
-                     httpx.Response(200, json=answer("b"))])
+    outcomes = iter([Reply(json=answer("a")), Reply(500, json={"error": {"message": "x"}}),
+                     Reply(body=b'data: {"choices": []}\n\ndata: [DONE]\n\n',
+                           headers={"Content-Type": "text/event-stream"}),
+                     Reply(json=answer("b"))])
     client, service, _ = start_gateway(running, lambda request: next(outcomes), api_keys=keys)
     headers = {"Authorization": f"Bearer {KEY}"}
     assert post(client, headers=headers).status_code == 200

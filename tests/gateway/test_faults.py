@@ -1,7 +1,7 @@
 """Upstream failures reach the client as OpenAI errors with the right status, never a traceback,
 and are counted once: 503 when vLLM is down, 504 when it hangs, 502 on its 500s, its 4xx passed
 through with its message, and in a stream one error event then [DONE]. Real HTTP on loopback: the
-gateway runs in uvicorn; the upstream is a fault-injecting fake (the only fake in the suite)."""
+gateway runs in uvicorn; the upstream is a fault-injecting fake (tests/gateway/fault_upstream.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fuzzing the chat route, in process (mock vLLM, so every 5xx would be the gateway's own):
+"""Fuzzing the chat route, in process (a mock vLLM on loopback, so every 5xx would be the gateway's own):
 
 - from the OpenAPI document (`gateway/openapi.py`) with schemathesis: requests that fit the schema
   (positive) and requests that break it (negative);
@@ -28,38 +28,40 @@ from schemathesis import GenerationMode
 
 from gateway.app import build_app
 from gateway.settings import ModelConfig, Settings
-from tests.gateway.mock_vllm import ROUTE, UPSTREAM, Upstream, answer, chunk
+from stack.processes import free_port
+from tests.gateway.mock_vllm import ROUTE, Upstream, answer, chunk
+from tests.gateway.scripted_upstream import Received, Reply, ScriptedUpstream
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
-def _upstream(request: httpx.Request) -> httpx.Response:
-    body = orjson.loads(request.content)
+def _upstream(request: Received) -> Reply:
+    body = orjson.loads(request.body)
     if body.get("stream"):
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-        return httpx.Response(200, content=chunk("I cannot") + chunk(None, usage) + b"data: [DONE]\n\n",
-                              headers={"Content-Type": "text/event-stream"})
-    return httpx.Response(200, json=answer("I cannot help with that."))
+        return Reply(body=chunk("I cannot") + chunk(None, usage) + b"data: [DONE]\n\n",
+                     headers={"Content-Type": "text/event-stream"})
+    return Reply(json=answer("I cannot help with that."))
 
 
-def _app():
-    config = Settings(upstream_urls=[UPSTREAM], models=[ModelConfig(name="tiny", upstream_model="tiny-llama",
-                                                                    allowed_extra_fields=["logit_bias"])])
-    return build_app(config, transport=httpx.MockTransport(Upstream(_upstream)))
+def _app(upstream_url: str):
+    config = Settings(upstream_urls=[upstream_url], models=[ModelConfig(name="tiny", upstream_model="tiny-llama",
+                                                                        allowed_extra_fields=["logit_bias"])])
+    return build_app(config)
 
 
-APP = _app()
-# The schema is read from an app of its own: loading it runs an app's lifespan once, and the app
-# under test must start its upstream pool only in the fixture.
-SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", _app())
+# The schema is read from an app of its own: loading it runs an app's lifespan once (its upstream,
+# a port nobody listens on, only fails a health probe); the app under test is built in the fixture.
+SCHEMA = schemathesis.openapi.from_asgi("/openapi.json", _app(f"http://127.0.0.1:{free_port()}"))
 CHAT = SCHEMA[ROUTE]["POST"]
 SERVED_IDS = ["tiny", "tiny@none", "tiny@default", "tiny@short", "tiny@mistral"]
 
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
-    with TestClient(APP, raise_server_exceptions=False) as running:  # lifespan: the upstream pool runs
+    with ScriptedUpstream(Upstream(_upstream)) as upstream, \
+            TestClient(_app(upstream.url), raise_server_exceptions=False) as running:  # lifespan: the pool runs
         yield running
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from gateway.limits import json_depth_exceeds
 from tests.gateway.mock_vllm import ROUTE, answer, error_of, ok, post, sample, start_gateway
+from tests.gateway.scripted_upstream import Reply
 
 UNKNOWN = {"model": "unknown", "variant": "unknown"}
 
@@ -103,8 +103,7 @@ def test_logprobs_count_against_their_own_budget(running) -> None:
 
 def test_an_answer_larger_than_the_cap_is_a_502_counted_as_such(running) -> None:
     big = answer("x" * 5000)
-    client, service, _ = start_gateway(running, lambda request: httpx.Response(200, json=big),
-                                       max_response_bytes=4096)
+    client, service, _ = start_gateway(running, lambda request: Reply(json=big), max_response_bytes=4096)
     response = post(client)
     assert response.status_code == 502
     error = error_of(response)
@@ -115,13 +114,9 @@ def test_an_answer_larger_than_the_cap_is_a_502_counted_as_such(running) -> None
 
 
 def test_an_answer_without_a_declared_length_is_capped_while_it_is_read(running) -> None:
-    async def body():
-        for _ in range(10):
-            yield b" " * 1000  # JSON allows leading whitespace: only the size can refuse it
-        yield b"{}"
-
-    client, service, _ = start_gateway(running, lambda request: httpx.Response(200, content=body()),
-                                       max_response_bytes=4096)
+    parts = [b" " * 1000] * 10 + [b"{}"]  # JSON allows leading whitespace: only the size can refuse it
+    reply = Reply(parts=parts, headers={"Content-Type": "application/json"})  # chunked: no declared length
+    client, service, _ = start_gateway(running, lambda request: reply, max_response_bytes=4096)
     response = post(client)
     assert response.status_code == 502 and error_of(response)["code"] == "response_too_large"
 
