@@ -72,9 +72,10 @@ def soft_prompt_artifact(folder: Path, hidden: int, tokens: int, dtype: torch.dt
     return save_artifact(folder / f"soft{hidden}", manifest, {"soft_prompt": soft})
 
 
-def start_upstream(port: int, log: Path) -> ManagedProcess:
+def start_upstream(port: int, log: Path, pace_ms: float = 0.0) -> ManagedProcess:
     proc = ManagedProcess(name="instant-upstream",
-                          command=[sys.executable, str(REPO / "bench" / "instant_upstream.py"), "--port", str(port)],
+                          command=[sys.executable, str(REPO / "bench" / "instant_upstream.py"), "--port", str(port),
+                                   "--pace-ms", str(pace_ms)],
                           log_path=log).start()
     proc.wait_http_ok(f"http://127.0.0.1:{port}/health", 30, port=port)
     return proc
@@ -204,6 +205,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--relay-tokens", type=int, default=1000, help="0 skips the relay run")
+    parser.add_argument("--upstream-pace-ms", type=float, default=0.0,
+                        help="the upstream writes stream events one at a time, this many ms apart (as vLLM does)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -224,7 +227,7 @@ def main() -> None:
     config_path.write_text(yaml.safe_dump(config))
     processes: list[ManagedProcess] = []
     try:
-        upstream = start_upstream(upstream_port, work / "upstream.log")
+        upstream = start_upstream(upstream_port, work / "upstream.log", args.upstream_pace_ms)
         processes.append(upstream)
         gateway = start_gateway(config_path, port=gateway_port, log_path=work / "gateway.log")
         processes.append(gateway)

@@ -9,6 +9,9 @@ of it is the proxy's own cost (issue 12, docs/performance.md).
   answer has `max_tokens` tokens (default 8), so a client sets the stream's length per request.
 - `GET /health`, `GET /v1/models`: what the gateway's health probe and LiteLLM ask for.
 
+With `--pace-ms P` (P > 0) a stream is written as vLLM writes it, one event per write, each flushed and
+followed by a pause of P milliseconds, so a proxy reads the events one by one instead of many at once.
+
 It parses no JSON: the few fields it needs are found with a regular expression over the body (a
 soft prompt's base64 cannot contain a quote), so its own cost does not grow with a soft prompt's
 size beyond reading the bytes. HTTP/1.1 with keep-alive on raw asyncio (uvloop when installed); one
@@ -49,8 +52,17 @@ def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
+STREAM_HEADERS = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
 def answer(body: bytes) -> tuple[bytes, bool]:
     """(the HTTP response bytes, streamed?) for one chat request body."""
+    parts, streamed = answer_parts(body)
+    return b"".join(parts), streamed
+
+
+def answer_parts(body: bytes) -> tuple[list[bytes], bool]:
+    """The response as the pieces a paced server writes one at a time, and whether it is a stream."""
     found = MAX_TOKENS.search(body)
     tokens = int(found.group(1)) if found else DEFAULT_TOKENS
     model_match = MODEL.search(body)
@@ -65,7 +77,7 @@ def answer(body: bytes) -> tuple[bytes, bool]:
                          "logprobs": None, "finish_reason": "length"}],
             "usage": usage,
         })
-        return _response("200 OK", payload), False
+        return [_response("200 OK", payload)], False
     head = {"id": "chatcmpl-instant", "object": "chat.completion.chunk", "created": created, "model": model}
     events = [orjson.dumps({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                    "logprobs": None, "finish_reason": None}]})]
@@ -76,13 +88,11 @@ def answer(body: bytes) -> tuple[bytes, bool]:
                                                       "finish_reason": "length"}]}))
     if USAGE.search(body):
         events.append(orjson.dumps({**head, "choices": [], "usage": usage}))
-    stream = b"".join(_chunk(b"data: " + event + b"\n\n") for event in events)
-    stream += _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
-    headers = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-    return headers + stream, True
+    chunks = [_chunk(b"data: " + event + b"\n\n") for event in events]
+    return [STREAM_HEADERS, *chunks, _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"], True
 
 
-async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pace_s: float = 0.0) -> None:
     try:
         while True:
             try:
@@ -103,7 +113,14 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             if method == b"POST" and path.startswith(b"/v1/chat/completions"):
                 Stats.requests += 1
                 Stats.soft_prompt_requests += PROMPT_EMBEDS in body
-                response, _ = answer(body)
+                parts, streamed = answer_parts(body)
+                if streamed and pace_s > 0:
+                    for part in parts:
+                        writer.write(part)
+                        await writer.drain()
+                        await asyncio.sleep(pace_s)
+                    continue
+                response = b"".join(parts)
             elif path == b"/health":
                 response = _response("200 OK", b"")
             elif path == b"/v1/models":
@@ -122,8 +139,11 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-async def serve(host: str, port: int) -> None:
-    server = await asyncio.start_server(handle, host, port, limit=MAX_HEADER_BYTES, backlog=1024)
+async def serve(host: str, port: int, pace_ms: float = 0.0) -> None:
+    async def paced(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await handle(reader, writer, pace_ms / 1000)
+
+    server = await asyncio.start_server(paced, host, port, limit=MAX_HEADER_BYTES, backlog=1024)
     async with server:
         await server.serve_forever()
 
@@ -132,13 +152,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--pace-ms", type=float, default=0.0, help="pause after each stream event (0: all at once)")
     args = parser.parse_args()
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.pace_ms))
     else:
-        uvloop.run(serve(args.host, args.port))
+        uvloop.run(serve(args.host, args.port, args.pace_ms))
 
 
 if __name__ == "__main__":

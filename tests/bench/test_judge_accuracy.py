@@ -41,8 +41,16 @@ def test_labelled_set_is_well_formed() -> None:
     for split in ("dev", "test"):
         labels = Counter(row["refusal"] for row in qwen if row["split"] == split)
         assert labels[True] >= 25 and labels[False] >= 80, (split, labels)
-    held_out_variants = {row["condition"] for row in qwen if row["split"] == "test"}
-    assert held_out_variants == {"none", "default", "short", "mistral", "dro"}
+    held_out = {row["condition"] for row in qwen if row["split"] == "test" and "-style-" not in row["id"]}
+    assert held_out == {"none", "default", "short", "mistral", "dro"}
+    # Style answers: every style and both models held out, each split with refusals and answers.
+    for group in ("qwen25coder05b", "smollm2"):
+        style = [row for row in rows if row["group"] == group and "-style-" in row["id"]]
+        for split in ("dev", "test"):
+            conditions = {row["condition"] for row in style if row["split"] == split}
+            assert conditions == {"explain", "redirect", "terse", "persona", "default", "mistral"}, (group, split)
+            labels = Counter(row["refusal"] for row in style if row["split"] == split)
+            assert labels[True] >= 10 and labels[False] >= 40, (group, split, labels)
     for row in rows:
         assert row["prompt"] and isinstance(row["response"], str)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -60,3 +61,27 @@ def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (50.0, 99.0, 100.0)
     assert percentile([3.0], 95) == 3.0
+
+
+def test_a_paced_upstream_writes_the_same_stream_one_event_at_a_time(tmp_path: Path, upstream: str) -> None:
+    port = free_port()
+    proc = ManagedProcess(name="paced", command=[sys.executable, str(REPO / "bench" / "instant_upstream.py"),
+                                                 "--port", str(port), "--pace-ms", "20"],
+                          log_path=tmp_path / "paced.log").start()
+    try:
+        proc.wait_http_ok(f"http://127.0.0.1:{port}/health", 30, port=port)
+        body = {"model": "m", "messages": [], "max_tokens": 7, "stream": True}
+        with httpx.stream("POST", f"{upstream}/v1/chat/completions", json=body) as response:
+            at_once = [line for line in response.iter_lines() if line.startswith("data: ")]
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as response:
+            pieces = [piece for piece in response.iter_raw()]
+        paced = [line for line in b"".join(pieces).decode().splitlines() if line.startswith("data: ")]
+        assert len(paced) == len(at_once) == 9  # role chunk, 7 tokens, [DONE]
+
+        def timeless(line: str) -> object:  # `created` is the second each answer was made
+            return line if line == "data: [DONE]" else {**json.loads(line[6:]), "created": 0}
+
+        assert [timeless(line) for line in paced] == [timeless(line) for line in at_once]
+        assert len(pieces) >= 5  # the events came in separate reads, not in one
+    finally:
+        proc.stop()
