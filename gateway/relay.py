@@ -86,10 +86,6 @@ async def relay(
         accounting.finish()
 
 
-class ClientTooSlow(Exception):
-    """A write to the client waited longer than client_write_timeout_s."""
-
-
 class ClosingStreamingResponse(StreamingResponse):
     """A StreamingResponse that always closes its body generator, so the generator's cleanup
     (closing the vLLM stream, which aborts generation, and counting the answer) runs promptly when
@@ -110,28 +106,67 @@ class ClosingStreamingResponse(StreamingResponse):
         self.on_too_slow = on_too_slow
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def timed_send(message: Any) -> None:
-            if self.write_timeout_s is None:
-                await send(message)
-                return
-            timer = asyncio.timeout(self.write_timeout_s)
-            try:
-                async with timer:
+        if self.write_timeout_s is None:
+            timed_send, watchdog = send, None
+        else:
+            # One timer per stream, not one per write: `asyncio.timeout` around every send cost as
+            # much CPU as relaying the event (docs/performance.md, paced relay).
+            watchdog = WriteWatchdog(self.write_timeout_s)
+
+            async def timed_send(message: Any) -> None:
+                watchdog.pending_since = watchdog.loop.time()
+                try:
                     await send(message)
-            except TimeoutError:
-                if not timer.expired():
-                    raise
-                self.on_too_slow()
-                raise ClientTooSlow from None
+                finally:
+                    watchdog.pending_since = None
 
         try:
             await super().__call__(scope, receive, timed_send)
-        except ClientTooSlow:
-            pass  # the response is left incomplete: the server closes the connection
+        except asyncio.CancelledError:
+            if watchdog is None or not watchdog.cut or watchdog.task.uncancel() > 0:
+                raise
+            self.on_too_slow()  # the response is left incomplete: the server closes the connection
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+class WriteWatchdog:
+    """Cancels the task it was made in once one write has waited `timeout_s` for the client.
+
+    The stream marks a write with `pending_since` (the loop's time when it began; None between
+    writes); a single timer looks at it at most once per `timeout_s` and at the pending write's own
+    deadline, so a write that never completes is cut exactly `timeout_s` after it began.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("WriteWatchdog needs a running task")
+        self.task: asyncio.Task[Any] = task
+        self.pending_since: float | None = None
+        self.cut = False
+        self._timer = self.loop.call_later(timeout_s, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if self.pending_since is None:
+            self._timer = self.loop.call_later(self.timeout_s, self._check)
+            return
+        deadline = self.pending_since + self.timeout_s
+        if now < deadline:
+            self._timer = self.loop.call_at(deadline, self._check)
+            return
+        self.cut = True
+        self.task.cancel()
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 def stream_response(
