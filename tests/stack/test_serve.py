@@ -181,12 +181,12 @@ def test_serve_stops_everything_it_started(serve: ServeProcess) -> None:
 
 
 # Signals that arrive while vLLM is still starting, once its engine process exists: the stop path is the
-# one above (StopSignals), without waiting a minute for readiness each time (the suite's CI budget).
+# one above (StopSignals), without waiting a minute for readiness each time (the suite's CI budget). A
+# single signal is the first half of each pair; the single Ctrl-C at full readiness is the test above.
 @pytest.mark.integration
 @pytest.mark.parametrize("signals", [
-    ("group:SIGTERM",),  # `timeout` or a supervisor, reaching make and Python alike
     ("SIGINT", "SIGINT"),  # Ctrl-C twice in quick succession
-    ("group:SIGTERM", "group:SIGTERM"),  # a supervisor, twice
+    ("group:SIGTERM", "group:SIGTERM"),  # `timeout` or a supervisor, twice, reaching make and Python alike
 ], ids="+".join)  # SIGHUP: test_vllm.py (the same StopSignals), and without vLLM in test_processes.py
 def test_serve_stops_vllm_while_it_is_still_starting(serve: ServeProcess, signals: tuple[str, ...]) -> None:
     serve.wait_for(lambda: (serve.process.pid and serve.children
