@@ -55,6 +55,19 @@ def open_request(port: int, stream: bool) -> socket.socket:
     return sock
 
 
+def read_until(sock: socket.socket, marker: bytes, timeout_s: float) -> bytes:
+    """What arrived until `marker` did (the headers may come in a read of their own, before any event)."""
+    received = b""
+    deadline = time.monotonic() + timeout_s
+    while marker not in received and time.monotonic() < deadline:
+        sock.settimeout(max(deadline - time.monotonic(), 0.01))
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        received += piece
+    return received
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["streaming", "non-streaming"])
 def test_a_client_that_hangs_up_frees_vllm(gateway, vllm_server, stream: bool) -> None:
     url = vllm_server.base_url
@@ -65,7 +78,7 @@ def test_a_client_that_hangs_up_frees_vllm(gateway, vllm_server, stream: bool) -
     try:
         wait_until(lambda: vllm_gauge(url, "vllm:num_requests_running") >= 1, 30)
         if stream:
-            assert b"data: " in sock.recv(65536)  # the answer is flowing to the client
+            assert b"data: " in read_until(sock, b"data: ", 30)  # the answer is flowing to the client
         else:
             time.sleep(0.2)  # vLLM is generating; the gateway holds the answer until it is whole
     finally:
