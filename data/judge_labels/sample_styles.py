@@ -59,13 +59,17 @@ HARMLESS_SOURCES = ("self_instruct_rest", "sounds_harmful", "jbb_benign")
 
 def source_queries() -> dict[str, list[str]]:
     data = querysets.DEFAULT_DATA_DIR
+
+    def whole(name: str) -> list[str]:  # every query of a built-in set, not only the evaluation's first ones
+        return querysets.BUILTIN_SETS[name].load(data)
+
     return {
-        "advbench_rest": querysets._load_advbench(data)[100:],
-        "harmbench": list(querysets.load_builtin_set("harmbench").queries),
-        "do_not_answer_rest": querysets._load_do_not_answer(data)[100:],
-        "self_instruct_rest": querysets._load_self_instruct(data)[100:],
-        "sounds_harmful": list(querysets.load_builtin_set("sounds_harmful").queries),
-        "jbb_benign": list(querysets.load_builtin_set("jbb_benign").queries),
+        "advbench_rest": whole("advbench")[100:],
+        "harmbench": whole("harmbench"),
+        "do_not_answer_rest": whole("do_not_answer")[100:],
+        "self_instruct_rest": whole("self_instruct")[100:],
+        "sounds_harmful": whole("sounds_harmful"),
+        "jbb_benign": whole("jbb_benign"),
     }
 
 
