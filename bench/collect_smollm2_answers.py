@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from safeprompt.prompts import HUMAN_PROMPTS, PROMPT_CONDITIONS
-from stack.processes import free_port, start_vllm
+from stack.processes import free_port, servers_stopped_on_exit, start_vllm
 
 SERVED_NAME = "smollm2"
 
@@ -75,13 +75,11 @@ def main() -> None:
     plan = plan_requests(args.data_dir, args.per_source)
     port = free_port()
     log_path = Path(tempfile.gettempdir()) / f"collect-smollm2-vllm-{port}.log"
-    server = start_vllm(prepare_smollm2(), served_model_name=SERVED_NAME, port=port, log_path=log_path)
-    try:
+    with servers_stopped_on_exit() as servers:  # also on SIGTERM/SIGINT/SIGHUP
+        servers.append(start_vllm(prepare_smollm2(), served_model_name=SERVED_NAME, port=port, log_path=log_path))
         base_url = f"http://127.0.0.1:{port}"
         with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
             rows = list(pool.map(lambda item: ask(client, base_url, item, args.max_tokens), plan))
-    finally:
-        server.stop()
     staging = args.out.with_suffix(".tmp")
     with open(staging, "w") as handle:
         for row in rows:

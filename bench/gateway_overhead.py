@@ -31,7 +31,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +43,7 @@ from bench.loadgen import Result, percentile, run_load
 from safeprompt.artifact import Manifest
 from safeprompt.artifact_write import save_artifact
 from safeprompt.files import atomic_write_text
-from stack.processes import ManagedProcess, free_port, start_gateway, stop_processes
+from stack.processes import ManagedProcess, free_port, servers_stopped_on_exit, start_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 LITELLM = REPO / ".venv-litellm" / "bin" / "litellm"
@@ -225,8 +224,7 @@ def main() -> None:
               "api_keys": [{"name": "bench", "sha256": hashlib.sha256(API_KEY.encode()).hexdigest()}]}
     config_path = work / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    processes: list[ManagedProcess] = []
-    try:
+    with servers_stopped_on_exit() as processes:  # also on SIGTERM/SIGINT/SIGHUP: no server is left behind
         upstream = start_upstream(upstream_port, work / "upstream.log", args.upstream_pace_ms)
         processes.append(upstream)
         gateway = start_gateway(config_path, port=gateway_port, log_path=work / "gateway.log")
@@ -267,9 +265,6 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(report, indent=1, default=str) + "\n")
         print(f"wrote {args.out}")
-    finally:
-        stop_processes(processes)
-        time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ from stack.processes import (
     ManagedProcess,
     free_port,
     lists_model,
+    servers_stopped_on_exit,
     start_gateway,
-    stop_processes,
     vllm_command,
     vllm_env,
 )
@@ -109,8 +109,7 @@ def main() -> None:
         model["artifacts"] = {"soft": str(save_artifact(work / "soft", manifest, {"soft_prompt": soft}))}
     config = {"upstream_urls": [f"http://127.0.0.1:{vllm_port}"], "models": [model]}
     (work / "gateway.yaml").write_text(yaml.safe_dump(config))
-    processes: list[ManagedProcess] = []
-    try:
+    with servers_stopped_on_exit() as processes:  # also on SIGTERM/SIGINT/SIGHUP: no server is left behind
         vllm = ManagedProcess(name="vllm", log_path=work / "vllm.log", env=vllm_env(), command=vllm_command(
             model_dir, served_model_name=name, port=vllm_port, dtype=args.dtype, max_model_len=args.max_model_len,
             python=args.vllm_python, extra_args=tuple(args.vllm_arg))).start()
@@ -161,8 +160,6 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(report, indent=1, default=str) + "\n")
         print(f"wrote {args.out}")
-    finally:
-        stop_processes(processes)
 
 
 if __name__ == "__main__":

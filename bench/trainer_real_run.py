@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from stack.processes import free_port, start_vllm
+from stack.processes import free_port, servers_stopped_on_exit, start_vllm
 from safeprompt.models import prepare_smollm2
 
 SERVED_NAME = "smollm2-135m-instruct"
@@ -37,14 +37,12 @@ def main() -> int:
     if not (args.run_dir / "label.done.json").is_file():
         port = free_port()
         started = time.monotonic()
-        server = start_vllm(model_dir, served_model_name=SERVED_NAME, port=port,
-                            log_path=args.run_dir / "vllm.log", dtype=args.vllm_dtype)
-        print(f"[real-run] vLLM ready in {time.monotonic() - started:.0f} s on port {port}", flush=True)
-        try:
+        with servers_stopped_on_exit() as servers:  # also on SIGTERM/SIGINT/SIGHUP
+            servers.append(start_vllm(model_dir, served_model_name=SERVED_NAME, port=port,
+                                      log_path=args.run_dir / "vllm.log", dtype=args.vllm_dtype))
+            print(f"[real-run] vLLM ready in {time.monotonic() - started:.0f} s on port {port}", flush=True)
             code = subprocess.call(base + ["label"] + common + [
                 "--set", f"label.vllm_url=http://127.0.0.1:{port}"] + extra)
-        finally:
-            server.stop()
         if code != 0:
             return code
     return subprocess.call(base + ["all"] + common + extra)

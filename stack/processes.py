@@ -289,6 +289,30 @@ class StopSignals:
             pass
 
 
+@contextmanager
+def servers_stopped_on_exit(timeout_s: float = 20.0) -> Iterator[list[ManagedProcess]]:
+    """For a script that starts servers and then works with them (benchmarks, the real DRO run).
+
+    Yields a list; append each server as soon as it exists. On leaving, however the script leaves
+    (its normal end, an error, or SIGINT/SIGTERM/SIGHUP), every server in the list is stopped with
+    its whole process group. A stop signal ends the script with exit code 128 + the signal number,
+    after the servers are gone; without this a `kill` of the script would leave its servers (each
+    in its own session) running.
+    """
+    signals = StopSignals().install()
+    servers: list[ManagedProcess] = []
+    try:
+        yield servers
+    except KeyboardInterrupt:
+        if signals.received is None:  # a KeyboardInterrupt of another origin
+            raise
+        print(f"\n{signal.Signals(signals.received).name}: stopping the servers", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signals.received) from None
+    finally:
+        signals.stopping()
+        stop_processes(servers, timeout_s)
+
+
 def supervise(start: Callable[[list[ManagedProcess]], None], signals: StopSignals, *, stop_timeout_s: float,
               exit_note: str, stop_note: str) -> int:
     """The supervising loop of `make serve` and `python -m stack.vllm`, with its exit codes in one place.

@@ -157,3 +157,52 @@ def test_stop_is_idempotent_and_reaps(tmp_path: Path) -> None:
     assert process.process.returncode == -signal.SIGTERM
     assert not process.group_alive()
     ManagedProcess("never-started", ["true"], None).stop()
+
+
+# A benchmark-style script: starts two servers inside servers_stopped_on_exit, prints their PIDs,
+# then ends by itself, raises, or waits to be signalled (argv[2]).
+BENCH_SCRIPT = """
+import sys, time
+from pathlib import Path
+from stack.processes import ManagedProcess, servers_stopped_on_exit
+with servers_stopped_on_exit(timeout_s=5.0) as servers:
+    for i in range(2):
+        servers.append(ManagedProcess(f"server{i}", ["sleep", "600"], Path(sys.argv[1]) / f"{i}.log").start())
+    print(" ".join(str(server.pid) for server in servers), flush=True)
+    if sys.argv[2] == "error":
+        raise ValueError("the benchmark failed")
+    if sys.argv[2] == "wait":
+        time.sleep(600)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how, code", [("end", 0), ("error", 1), ("SIGTERM", 143), ("SIGHUP", 129),
+                                       ("SIGINT", 130)])
+def test_a_script_that_starts_servers_leaves_none_behind(how: str, code: int, tmp_path: Path) -> None:
+    mode = how if how in ("end", "error") else "wait"
+    script = subprocess.Popen([sys.executable, "-c", BENCH_SCRIPT, str(tmp_path), mode], cwd=REPO_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    leaders = {script.pid}
+    try:
+        leaders |= {int(pid) for pid in script.stdout.readline().split()}
+        assert len(leaders) == 3, script.stderr.read()
+        if mode == "wait":
+            time.sleep(0.3)
+            assert script.poll() is None
+            os.kill(script.pid, getattr(signal, how))  # the script alone, as `kill PID` does: not its servers
+        stdout, stderr = script.communicate(timeout=30)
+        assert script.returncode == code, stderr
+        assert survivors(leaders) == {}
+        assert ("finished" in stdout) == (how == "end")
+        if how == "error":
+            assert "ValueError: the benchmark failed" in stderr
+        elif how != "end":
+            assert f"{how}: stopping the servers" in stderr and "Traceback" not in stderr
+    finally:
+        for leader in leaders:
+            try:
+                os.killpg(leader, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        script.communicate()

@@ -1,0 +1,80 @@
+"""bench/rejudge_labels.py: re-scoring stored label samples, and the label-samples ablation (--first-samples)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import rejudge_labels
+
+REFUSAL = "I'm sorry, but I can't help with that request."
+ANSWER = "Sure. Mix flour, water, salt and yeast, knead for ten minutes and bake for forty minutes."
+
+
+def write_run(run: Path) -> None:
+    run.mkdir()
+    records = [
+        # query 0 (harmful): refused twice in the first two samples, answered in the last two
+        {
+            "condition": "none",
+            "query_index": 0,
+            "samples": [REFUSAL, REFUSAL, ANSWER, ANSWER],
+            "refusals": [False] * 4,
+            "kept": [0, 1, 2, 3],
+            "soft_label": 1.0,
+        },
+        # query 1 (harmless): answered, then refused
+        {
+            "condition": "none",
+            "query_index": 1,
+            "samples": [ANSWER, REFUSAL, REFUSAL, REFUSAL],
+            "refusals": [False] * 4,
+            "kept": [0, 1, 2, 3],
+            "soft_label": 1.0,
+        },
+    ]
+    labels = {
+        "queries": ["q0", "q1"],
+        "harmless": [False, True],
+        "conditions": ["none"],
+        "records": records,
+        "soft_labels": [[1.0, 1.0]],
+    }
+    (run / "labels.json").write_text(json.dumps(labels))
+    (run / "config.json").write_text(json.dumps({"label": {"num_samples": 4, "num_keep": 4}}))
+    (run / "states.json").write_text("{}")
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["rejudge_labels.py", *args])
+    rejudge_labels.main()
+
+
+def test_rejudging_scores_every_stored_sample_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_run(tmp_path / "src")
+    run_main(monkeypatch, str(tmp_path / "src"), str(tmp_path / "dst"), "--judge", "paper")
+    labels = json.loads((tmp_path / "dst" / "labels.json").read_text())
+    assert labels["soft_labels"] == [[0.5, 0.25]]
+    assert labels["records"][0]["refusals"] == [True, True, False, False]
+    assert labels["rejudged_with"] == "paper" and "first_samples" not in labels
+    assert (tmp_path / "dst" / "states.json").exists() and (tmp_path / "dst" / "config.json").exists()
+
+
+def test_first_samples_keeps_what_a_smaller_label_run_draws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_run(tmp_path / "src")
+    run_main(monkeypatch, str(tmp_path / "src"), str(tmp_path / "dst"), "--judge", "paper", "--first-samples", "2")
+    labels = json.loads((tmp_path / "dst" / "labels.json").read_text())
+    assert labels["soft_labels"] == [[0.0, 0.5]]
+    assert [len(r["samples"]) for r in labels["records"]] == [2, 2]
+    assert [r["kept"] for r in labels["records"]] == [[0, 1], [0, 1]]
+    assert labels["first_samples"] == 2
+
+
+def test_first_samples_must_be_positive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_run(tmp_path / "src")
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, str(tmp_path / "src"), str(tmp_path / "dst"), "--first-samples", "0")
+    assert not (tmp_path / "dst").exists()
