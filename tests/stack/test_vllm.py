@@ -1,24 +1,20 @@
 """`python -m stack.vllm`: vLLM alone with the project's command line; the port check, and (with the
-tiny model) a stop on SIGHUP that leaves no engine process behind."""
+tiny model, as the session's vLLM server) serving it and a stop on SIGHUP that leaves no engine process behind."""
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from stack.ports import ensure_port_free
-from stack.processes import REPO_ROOT, free_port
-from tests.stack.process_tree import children_of, survivors
+from stack.processes import REPO_ROOT
+from tests.stack.process_tree import survivors
 
-STOP_BOUND_S = 60.0
 
 
 def test_a_held_port_or_a_nameless_folder_is_refused(tmp_path: Path) -> None:
@@ -37,36 +33,12 @@ def test_a_held_port_or_a_nameless_folder_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_vllm_alone_serves_the_model_and_stops_on_sighup(tiny_model_dir: Path, tmp_path: Path) -> None:
-    port = free_port()
-    output = tmp_path / "vllm.out"
-    with open(output, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "stack.vllm", "--model", str(tiny_model_dir), "--name", "tiny",
-             "--dtype", "float32", "--port", str(port)],
-            cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    children: set[int] = set()
-    try:
-        deadline = time.monotonic() + 600
-        while "vLLM is ready" not in output.read_text(errors="replace"):
-            children |= children_of(process.pid)
-            assert process.poll() is None, output.read_text(errors="replace")
-            assert time.monotonic() < deadline, output.read_text(errors="replace")
-            time.sleep(0.5)
-        children |= children_of(process.pid)
-        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
-        assert [model["id"] for model in models["data"]] == ["tiny"]
-        assert len(survivors(children)) > 1  # the API server and its engine
-        signalled_at = time.monotonic()
-        process.send_signal(signal.SIGHUP)
-        assert process.wait(timeout=STOP_BOUND_S) == 0
-        assert time.monotonic() - signalled_at < STOP_BOUND_S
-        assert survivors({process.pid, *children}) == {}
-        ensure_port_free(port, "127.0.0.1")
-    finally:
-        for leader in {process.pid, *children}:
-            try:
-                os.killpg(leader, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        process.wait()
+def test_vllm_alone_serves_the_model(vllm_server) -> None:
+    """The session's vLLM server is `python -m stack.vllm` (tests/conftest.py): it printed its real URL once
+    ready and serves the model under the given name. Its stop on SIGHUP, leaving no engine process behind,
+    is checked when the session ends (the fixture's teardown), so the suite starts vLLM once for both."""
+    log = vllm_server.process.log_path.read_text(errors="replace")
+    assert f"vLLM is ready: http://127.0.0.1:{vllm_server.port}/v1 serves tiny-llama. Ctrl-C stops it." in log
+    models = httpx.get(f"http://127.0.0.1:{vllm_server.port}/v1/models", timeout=10).json()
+    assert [model["id"] for model in models["data"]] == ["tiny-llama"]
+    assert len(survivors(vllm_server.children)) > 1  # the API server and its engine, in their own session
