@@ -48,7 +48,7 @@ def main() -> None:
     after: dict[tuple[str, bool], list[float]] = {}
     records = []
     for record in labels["records"]:
-        samples = record["samples"][: args.first_samples] if args.first_samples else record["samples"]
+        samples = record["samples"][: args.first_samples]  # [:None]: all of them
         new = score_samples(record["condition"], record["query_index"], samples, judge, num_keep)
         key = (record["condition"], bool(harmless[record["query_index"]]))
         before.setdefault(key, []).append(1 - record["soft_label"])

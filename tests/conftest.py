@@ -19,7 +19,7 @@ import pytest
 
 from stack.ports import ensure_port_free
 from stack.processes import ManagedProcess, free_port
-from tests.stack.process_tree import children_of, survivors
+from tests.stack.process_tree import children_of, kill_groups, survivors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -87,11 +87,7 @@ def vllm_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         ensure_port_free(port, "127.0.0.1")
     finally:
         process.stop()
-        for leader in children:
-            try:
-                os.killpg(leader, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_groups(children)
 
 
 class GatewayServer:

@@ -80,8 +80,8 @@ def last_prompt_states(model: torch.nn.Module, attention_mask: torch.Tensor, len
     attention_mask, lengths = attention_mask.to(device), lengths.to(device)
     # The decoder stack alone (no LM head): its last_hidden_state is hidden_states[-1] of the full model,
     # after the final norm. Skipping the head is not only less work: torch 2.13's CPU bf16 linear on the
-    # head's input slice (`hidden[:, -1:]`, not contiguous) took 47 s for a batch of 25 on Qwen's
-    # 151,936-row head, against 37 ms on a contiguous copy (measured, docs/trainer.md).
+    # head's input slice (`hidden[:, -1:]`, not contiguous) took 47-58 s for a batch of 25 on Qwen's
+    # 151,936-row head, against 37-55 ms on a contiguous copy (measured, docs/trainer.md).
     output = model.get_decoder()(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                  use_cache=False)
     final = output.last_hidden_state  # [B, T, H], after the final norm

@@ -14,27 +14,24 @@ REFUSAL = "I'm sorry, but I can't help with that request."
 ANSWER = "Sure. Mix flour, water, salt and yeast, knead for ten minutes and bake for forty minutes."
 
 
+def stored_record(query_index: int, samples: list[str]) -> dict:
+    """A record as an older judge left it: every sample called an answer."""
+    n = len(samples)
+    return {
+        "condition": "none",
+        "query_index": query_index,
+        "samples": samples,
+        "refusals": [False] * n,
+        "kept": list(range(n)),
+        "soft_label": 1.0,
+    }
+
+
 def write_run(run: Path) -> None:
     run.mkdir()
     records = [
-        # query 0 (harmful): refused twice in the first two samples, answered in the last two
-        {
-            "condition": "none",
-            "query_index": 0,
-            "samples": [REFUSAL, REFUSAL, ANSWER, ANSWER],
-            "refusals": [False] * 4,
-            "kept": [0, 1, 2, 3],
-            "soft_label": 1.0,
-        },
-        # query 1 (harmless): answered, then refused
-        {
-            "condition": "none",
-            "query_index": 1,
-            "samples": [ANSWER, REFUSAL, REFUSAL, REFUSAL],
-            "refusals": [False] * 4,
-            "kept": [0, 1, 2, 3],
-            "soft_label": 1.0,
-        },
+        stored_record(0, [REFUSAL, REFUSAL, ANSWER, ANSWER]),  # harmful: refused in the first two samples only
+        stored_record(1, [ANSWER, REFUSAL, REFUSAL, REFUSAL]),  # harmless: answered, then refused
     ]
     labels = {
         "queries": ["q0", "q1"],

@@ -6,6 +6,8 @@ were started in, not by their parent chain.
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 
@@ -43,3 +45,12 @@ def survivors(leaders: set[int]) -> dict[int, str]:
             except OSError:
                 continue
     return found
+
+
+def kill_groups(leaders: set[int] | list[int]) -> None:
+    """SIGKILL the process groups led by `leaders` (a test's last-resort cleanup); gone groups are skipped."""
+    for leader in leaders:
+        try:
+            os.killpg(leader, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

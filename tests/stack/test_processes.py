@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from stack.processes import REPO_ROOT, ManagedProcess, free_port, lists_model
-from tests.stack.process_tree import survivors
+from tests.stack.process_tree import kill_groups, survivors
 
 
 class _ModelsHandler(BaseHTTPRequestHandler):
@@ -142,11 +142,7 @@ def test_shutdown_survives_repeated_signals_and_kills_what_ignores_sigterm(signa
         assert stop_timeout_s <= elapsed < 2 * stop_timeout_s
         assert survivors(leaders) == {}
     finally:
-        for leader in leaders:
-            try:
-                os.killpg(leader, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_groups(leaders)
         supervisor.communicate()
 
 
@@ -200,9 +196,5 @@ def test_a_script_that_starts_servers_leaves_none_behind(how: str, code: int, tm
         elif how != "end":
             assert f"{how}: stopping the servers" in stderr and "Traceback" not in stderr
     finally:
-        for leader in leaders:
-            try:
-                os.killpg(leader, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_groups(leaders)
         script.communicate()

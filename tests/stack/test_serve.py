@@ -20,7 +20,7 @@ from gateway.settings import ModelConfig
 from stack.ports import ensure_port_free
 from stack.processes import REPO_ROOT, free_port
 from stack.serve import committed_artifacts, gateway_config, usage
-from tests.stack.process_tree import children_of, survivors
+from tests.stack.process_tree import children_of, kill_groups, survivors
 
 SMOLLM2 = "smollm2-135m-instruct"
 READY_LINE = "The gateway is ready on"
@@ -135,11 +135,7 @@ class ServeProcess:
             time.sleep(gap_s)
 
     def kill_everything(self) -> None:
-        for leader in {self.process.pid, *self.children}:
-            try:
-                os.killpg(leader, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_groups({self.process.pid, *self.children})
         self.process.wait()
 
 

@@ -16,7 +16,6 @@ from stack.processes import REPO_ROOT
 from tests.stack.process_tree import survivors
 
 
-
 def test_a_held_port_or_a_nameless_folder_is_refused(tmp_path: Path) -> None:
     with socket.socket() as stranger:
         stranger.bind(("127.0.0.1", 0))
