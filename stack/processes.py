@@ -30,6 +30,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = Path(os.environ.get("DRO_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 KILL_WAIT_S = 5.0  # after SIGKILL, how long to wait for the kernel to remove the processes
+# SIGTERM's grace for a server that never became ready: it has no requests to finish, and vLLM's API
+# server, while it waits for its engine, does not act on SIGTERM at all (its handler needs the main
+# thread, which sits in a poll of up to VLLM_ENGINE_READY_TIMEOUT_S, 600 s): SIGKILL after this.
+STARTING_STOP_S = 3.0
 POLL_S = 0.1
 
 
@@ -126,6 +130,7 @@ class ManagedProcess:
     log_path: Path | None
     env: dict[str, str] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    ready: bool = field(default=False, init=False)  # set once wait_http_ok has seen it serve
 
     def start(self) -> "ManagedProcess":
         if self.log_path is None:
@@ -193,6 +198,7 @@ class ManagedProcess:
                 response = None
             if response is not None and response.status_code == 200 and (accept is None or accept(response)):
                 if port is None or self.owns_port(port):
+                    self.ready = True
                     return
                 holders = sorted(listening_pids(port))
                 stranger = f"; port {port} is answered by " + (
@@ -217,7 +223,8 @@ def signals_blocked(signals: Iterable[int] = STOP_SIGNALS) -> Iterator[None]:
 def stop_processes(processes: Iterable[ManagedProcess], timeout_s: float = 20.0) -> None:
     """Stop the process groups of all `processes` together, within timeout_s + KILL_WAIT_S.
 
-    SIGTERM goes to every group at once, then one shared deadline, then SIGKILL to the groups left.
+    SIGTERM goes to every group at once, then one shared deadline, then SIGKILL to the groups left;
+    a server that never became ready (`ready`) gets STARTING_STOP_S at most before its SIGKILL.
     Idempotent. It completes whatever signals arrive meanwhile: SIGINT, SIGTERM and SIGHUP are held
     back until it returns (then delivered), and a KeyboardInterrupt or SystemExit raised by a
     handler that was already due is kept, the stopping resumed, and the exception re-raised at the end.
@@ -241,19 +248,26 @@ def _terminate_groups(processes: list[ManagedProcess], deadline: float) -> None:
     live = [process for process in processes if process.group_alive()]
     for process in live:
         process.signal_group(signal.SIGTERM)
+    starting = _wait_gone([process for process in live if not process.ready],
+                          min(deadline, time.monotonic() + STARTING_STOP_S))
+    for process in starting:
+        process.signal_group(signal.SIGKILL)
+    serving = _wait_gone([process for process in live if process.ready], deadline)
+    for process in serving:
+        process.signal_group(signal.SIGKILL)
+    left = _wait_gone(starting + serving, time.monotonic() + KILL_WAIT_S)
+    if left:
+        warnings.warn(f"still running after SIGKILL: {', '.join(process.name for process in left)} "
+                      f"(process groups {', '.join(str(process.pid) for process in left)})", RuntimeWarning)
+
+
+def _wait_gone(processes: list[ManagedProcess], deadline: float) -> list[ManagedProcess]:
+    """Wait until the groups of `processes` are empty or `deadline` passes; returns those left."""
+    live = [process for process in processes if process.group_alive()]
     while live and time.monotonic() < deadline:
         time.sleep(POLL_S)
         live = [process for process in live if process.group_alive()]
-    if live:
-        for process in live:
-            process.signal_group(signal.SIGKILL)
-        kill_deadline = time.monotonic() + KILL_WAIT_S
-        while live and time.monotonic() < kill_deadline:
-            time.sleep(POLL_S)
-            live = [process for process in live if process.group_alive()]
-    if live:
-        warnings.warn(f"still running after SIGKILL: {', '.join(process.name for process in live)} "
-                      f"(process groups {', '.join(str(process.pid) for process in live)})", RuntimeWarning)
+    return live
 
 
 class StopSignals:

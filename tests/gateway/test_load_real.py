@@ -96,10 +96,11 @@ def status_lines(metrics: str) -> list[str]:
 
 
 def test_clients_that_stop_reading_are_cut_while_others_are_served(gateway_factory, vllm_server) -> None:
-    """Four clients ask for long streams (1,500 forced tokens with 20 logprobs each: megabytes) and
-    never read. Meanwhile /ready stays 200 and another client's requests are answered; once their
-    writes have waited client_write_timeout_s (2 s here), the four are cut, vLLM's requests end, and
-    each is counted as `client_too_slow`."""
+    """Four clients ask for long streams (8 choices of 1,500 forced tokens with 20 logprobs each: tens
+    of megabytes, so the socket buffers fill within seconds) and never read. Meanwhile /ready stays
+    200 and another client's requests are answered; once their writes have waited
+    client_write_timeout_s (2 s here), the four are cut, vLLM's requests end, and each is counted as
+    `client_too_slow`."""
     import socket
     import time
 
@@ -108,8 +109,8 @@ def test_clients_that_stop_reading_are_cut_while_others_are_served(gateway_facto
     gateway = gateway_factory(client_write_timeout_s=2)
     before = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
     body = orjson.dumps({"model": "tiny@none", "messages": [{"role": "user", "content": "Tell me a story."}],
-                         "max_tokens": 1500, "min_tokens": 1500, "logprobs": True, "top_logprobs": 20,
-                         "temperature": 0, "stream": True})
+                         "max_tokens": 1500, "min_tokens": 1500, "n": 8, "logprobs": True, "top_logprobs": 20,
+                         "temperature": 1.0, "stream": True})
     sockets = []
     for _ in range(4):
         sock = socket.socket()
@@ -130,6 +131,9 @@ def test_clients_that_stop_reading_are_cut_while_others_are_served(gateway_facto
             metrics = httpx.get(f"{gateway.base_url}/metrics", timeout=10).text
             cut = (metric_total(metrics, "dro_gateway_request_errors_total", kind="client_too_slow")
                    - metric_total(before, "dro_gateway_request_errors_total", kind="client_too_slow"))
+            rejected = (metric_total(metrics, "dro_gateway_request_errors_total", kind="upstream_4xx")
+                        - metric_total(before, "dro_gateway_request_errors_total", kind="upstream_4xx"))
+            assert rejected == 0, f"vLLM rejected the slow readers' requests; {status_lines(metrics)}"
             if cut == 4:
                 break
             assert time.monotonic() < deadline, f"{cut} of 4 slow readers cut; {status_lines(metrics)}"

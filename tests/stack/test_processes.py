@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from stack.processes import REPO_ROOT, ManagedProcess, free_port, lists_model
+from stack.processes import REPO_ROOT, STARTING_STOP_S, ManagedProcess, free_port, lists_model
 from tests.stack.process_tree import kill_groups, survivors
 
 
@@ -78,23 +78,31 @@ def test_our_own_server_is_ready_and_a_wrong_model_is_not(tmp_path: Path) -> Non
     assert not process.owns_port(port)
 
 
-# A server that ignores SIGTERM, with a worker (its child, same group) that ignores it too.
+# A server that ignores SIGTERM, with a worker (its child, same group) that ignores it too; it answers
+# HTTP on the port in argv[1].
 STUBBORN = """
-import signal, subprocess, sys, time
+import signal, subprocess, sys
+from http.server import HTTPServer, SimpleHTTPRequestHandler
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
-time.sleep(600)
+worker = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+subprocess.Popen([sys.executable, "-c", worker])
+HTTPServer(("127.0.0.1", int(sys.argv[1])), SimpleHTTPRequestHandler).serve_forever()
 """
 
-# Supervises two stubborn servers the way stack.serve does; prints their PIDs, then waits to be signalled.
+# Supervises two stubborn servers the way stack.serve does, once they serve (argv[3] "ready") or while
+# they are still starting (no readiness seen); prints their PIDs, then waits to be signalled.
 SUPERVISOR = f"""
 import sys, time
 from pathlib import Path
-from stack.processes import ManagedProcess, StopSignals, stop_processes
+from stack.processes import ManagedProcess, StopSignals, free_port, stop_processes
 signals = StopSignals().install()
-servers = [ManagedProcess(f"server{{i}}", [sys.executable, "-c", {STUBBORN!r}], Path(sys.argv[1]) / f"{{i}}.log").start()
-           for i in range(2)]
+ports = [free_port() for _ in range(2)]
+servers = [ManagedProcess(f"server{{i}}", [sys.executable, "-c", {STUBBORN!r}, str(port)],
+                          Path(sys.argv[1]) / f"{{i}}.log").start() for i, port in enumerate(ports)]
 try:
+    if sys.argv[3] == "ready":
+        for server, port in zip(servers, ports):
+            server.wait_http_ok(f"http://127.0.0.1:{{port}}/", 30, port=port)
     print(" ".join(str(server.pid) for server in servers), flush=True)
     while True:
         time.sleep(1)
@@ -108,16 +116,10 @@ finally:
 """
 
 
-@pytest.mark.parametrize("signals", [
-    ("SIGINT",),
-    ("SIGINT", "SIGINT"),
-    ("SIGTERM", "SIGTERM", "SIGTERM", "SIGTERM"),
-    ("SIGHUP", "SIGINT", "SIGTERM"),
-], ids="+".join)
-def test_shutdown_survives_repeated_signals_and_kills_what_ignores_sigterm(signals: tuple[str, ...],
-                                                                         tmp_path: Path) -> None:
-    stop_timeout_s = 3.0
-    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(tmp_path), str(stop_timeout_s)],
+def stop_stubborn_supervisor(tmp_path: Path, stop_timeout_s: float, readiness: str,
+                             signals: tuple[str, ...]) -> float:
+    """Run SUPERVISOR, signal its group, check that it stopped everything; returns the seconds it took."""
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(tmp_path), str(stop_timeout_s), readiness],
                                   cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   start_new_session=True)
     leaders = {supervisor.pid}
@@ -132,18 +134,38 @@ def test_shutdown_survives_repeated_signals_and_kills_what_ignores_sigterm(signa
         for name in signals:
             os.killpg(supervisor.pid, getattr(signal, name))  # the group: as a terminal or a supervisor does
             time.sleep(0.3)
-        stdout, stderr = supervisor.communicate(timeout=30)
+        stdout, stderr = supervisor.communicate(timeout=60)
         elapsed = time.monotonic() - started
         assert supervisor.returncode == 0, stderr
         assert "Traceback" not in stderr
         assert "stopped in" in stdout
-        # SIGTERM was given its time, on one shared deadline for both servers (not one after the
-        # other), then SIGKILL.
-        assert stop_timeout_s <= elapsed < 2 * stop_timeout_s
         assert survivors(leaders) == {}
+        return elapsed
     finally:
         kill_groups(leaders)
         supervisor.communicate()
+
+
+@pytest.mark.parametrize("signals", [
+    ("SIGINT",),
+    ("SIGINT", "SIGINT"),
+    ("SIGTERM", "SIGTERM", "SIGTERM", "SIGTERM"),
+    ("SIGHUP", "SIGINT", "SIGTERM"),
+], ids="+".join)
+def test_shutdown_survives_repeated_signals_and_kills_what_ignores_sigterm(signals: tuple[str, ...],
+                                                                         tmp_path: Path) -> None:
+    stop_timeout_s = STARTING_STOP_S + 2.0
+    elapsed = stop_stubborn_supervisor(tmp_path, stop_timeout_s, "ready", signals)
+    # Serving servers get SIGTERM's whole time, on one shared deadline for both (not one after the
+    # other), then SIGKILL.
+    assert stop_timeout_s <= elapsed < 2 * stop_timeout_s
+
+
+def test_servers_still_starting_are_killed_without_the_whole_grace(tmp_path: Path) -> None:
+    """vLLM's API server ignores SIGTERM while it waits for its engine: a Ctrl-C during start-up must
+    not wait the whole stop timeout for it."""
+    elapsed = stop_stubborn_supervisor(tmp_path, 60.0, "starting", ("SIGINT",))
+    assert STARTING_STOP_S <= elapsed < 30.0
 
 
 def test_stop_is_idempotent_and_reaps(tmp_path: Path) -> None:
