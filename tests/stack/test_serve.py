@@ -20,6 +20,7 @@ from gateway.settings import ModelConfig
 from stack.ports import ensure_port_free
 from stack.processes import REPO_ROOT, free_port
 from stack.serve import committed_artifacts, gateway_config, usage
+from stack.vllm import STOP_TIMEOUT_S
 from tests.stack.process_tree import children_of, kill_groups, survivors
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -148,7 +149,8 @@ def serve(tiny_model_dir: Path, tmp_path: Path) -> Iterator[ServeProcess]:
         started.kill_everything()  # only if a test failed half-way
 
 
-def assert_nothing_left(serve: ServeProcess, signalled_at: float) -> None:
+def assert_nothing_left(serve: ServeProcess, signalled_at: float) -> float:
+    """Checks that serve exited 0 within the bound and left nothing; returns the seconds it took."""
     code = serve.process.wait(timeout=STOP_BOUND_S)
     elapsed = time.monotonic() - signalled_at
     text = serve.text()
@@ -158,6 +160,7 @@ def assert_nothing_left(serve: ServeProcess, signalled_at: float) -> None:
     assert survivors({serve.process.pid, *serve.children}) == {}
     ensure_port_free(serve.vllm_port, "127.0.0.1")
     ensure_port_free(serve.port, "127.0.0.1")
+    return elapsed
 
 
 @pytest.mark.integration
@@ -189,7 +192,10 @@ def test_serve_stops_vllm_while_it_is_still_starting(serve: ServeProcess, signal
                             and len(survivors(serve.children)) > 1), 120, "vLLM's engine process")
     signalled_at = time.monotonic()
     serve.signal(signals)
-    assert_nothing_left(serve, signalled_at)
+    elapsed = assert_nothing_left(serve, signalled_at)
+    # vLLM ignores SIGTERM while it waits for its engine: it is killed after STARTING_STOP_S, not after
+    # the whole grace a serving vLLM gets (before that rule, every such stop took the full 20 s).
+    assert elapsed < STOP_TIMEOUT_S
     assert READY_LINE not in serve.text()
 
 
