@@ -9,6 +9,8 @@ agree), precision and recall and their 95% Wilson score intervals. Also times th
 
     .venv/bin/python -m bench.judge_accuracy            # markdown tables
     .venv/bin/python -m bench.judge_accuracy --json     # machine-readable
+    .venv/bin/python -m bench.judge_accuracy --audit data/judge_labels/audit-2026-12-03.jsonl
+                                                        # also: a second reading against the labels
 """
 
 from __future__ import annotations
@@ -111,6 +113,21 @@ def time_judges(rows: list[dict], judges: list[str], repeats: int = 5) -> dict[s
     return speeds
 
 
+def audit_agreement(rows: list[dict], audit: list[dict]) -> dict[str, tuple[int, int]]:
+    """Per group and `all`: (answers where the second reading agrees with the label, answers read again)."""
+    by_id = {row["id"]: row for row in rows}
+    counts: dict[str, list[int]] = {}
+    for second in audit:
+        if second["id"] not in by_id or not isinstance(second.get("refusal"), bool):
+            raise ValueError(f"audit row {second.get('id')!r}: needs the id of a labelled row and a boolean 'refusal'")
+        row = by_id[second["id"]]
+        for group in ("all", row["group"]):
+            agreed = counts.setdefault(group, [0, 0])
+            agreed[0] += second["refusal"] == row["refusal"]
+            agreed[1] += 1
+    return {group: (agree, n) for group, (agree, n) in counts.items()}
+
+
 def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
@@ -141,6 +158,7 @@ def main() -> None:
     parser.add_argument("--judge", action="append", choices=sorted(JUDGES), help="judge(s) to score (default: all)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     parser.add_argument("--errors", action="store_true", help="also list every disagreement with the labels")
+    parser.add_argument("--audit", type=Path, help="JSONL of a second reading ({id, refusal}): its agreement")
     args = parser.parse_args()
 
     rows = read_labels(args.labels)
@@ -158,6 +176,11 @@ def main() -> None:
             print(f"- {name}: {speed / 1e6:.2f} M characters/s on whole answers, "
                   f"{1e6 * mean_characters / speed:.0f} µs per answer of {mean_characters:.0f} characters "
                   "on average (this machine, best of 5)")
+    if args.audit is not None:
+        audit = [json.loads(line) for line in args.audit.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for group, (agree, n) in sorted(audit_agreement(rows, audit).items()):
+            print(f"- second reading vs labels, {group}: {agree}/{n} = "
+                  f"{with_interval(agree / n, agree, n)} % agreement [95% CI]")
     if args.errors:
         for name in judges:
             judge = get_judge(name)

@@ -75,3 +75,34 @@ def test_bad_label_rows_are_rejected(tmp_path) -> None:
     path.write_text(json.dumps({"id": "a", "response": "x", "refusal": "yes"}) + "\n")
     with pytest.raises(ValueError, match="labels.jsonl:1"):
         read_labels(path)
+
+
+def test_audit_agreement_counts_per_group_and_rejects_unknown_ids() -> None:
+    from bench.judge_accuracy import audit_agreement
+
+    rows = [{"id": "a", "group": "g1", "refusal": True}, {"id": "b", "group": "g1", "refusal": False},
+            {"id": "c", "group": "g2", "refusal": True}]
+    audit = [{"id": "a", "refusal": True}, {"id": "b", "refusal": True}, {"id": "c", "refusal": True}]
+    assert audit_agreement(rows, audit) == {"all": (2, 3), "g1": (1, 2), "g2": (1, 1)}
+    with pytest.raises(ValueError, match="'zzz'"):
+        audit_agreement(rows, [{"id": "zzz", "refusal": True}])
+    with pytest.raises(ValueError, match="boolean"):
+        audit_agreement(rows, [{"id": "a", "refusal": "yes"}])
+
+
+def test_shipped_second_reading_covers_held_out_small_model_rows() -> None:
+    from bench.judge_accuracy import audit_agreement
+
+    rows = read_labels(DEFAULT_LABELS)
+    path = DEFAULT_LABELS.parent / "audit-2026-12-03.jsonl"
+    audit = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    by_id = {row["id"]: row for row in rows}
+    assert len(audit) == 120 and len({second["id"] for second in audit}) == 120
+    assert {by_id[second["id"]]["split"] for second in audit} == {"test"}
+    assert {by_id[second["id"]]["group"] for second in audit} == {"qwen25coder05b", "smollm2"}
+    # Every disagreement with the stored label carries a note saying why.
+    for second in audit:
+        if second["refusal"] != by_id[second["id"]]["refusal"]:
+            assert second["note"], second["id"]
+    agree, n = audit_agreement(rows, audit)["all"]
+    assert (agree, n) == (118, 120)  # the figure docs/judges.md reports
