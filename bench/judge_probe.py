@@ -155,8 +155,28 @@ def run(rows: list[dict], features: np.ndarray) -> dict[str, Any]:
                      for group in sorted(set(groups[test]))}
               for name, predicted in verdicts.items()}
     return {"selected": {"layer": best.layer, "C": best.c, "dev_cv_agreement": best.cv_agreement},
+            "learning_curve": learning_curve(features[:, best.layer], labels, groups, dev, best.c),
             "runners_up": [{"layer": s.layer, "C": s.c, "dev_cv_agreement": s.cv_agreement} for s in ranked[1:6]],
             "test": scores}
+
+
+def learning_curve(x: np.ndarray, labels: np.ndarray, groups: np.ndarray, dev: np.ndarray, c: float,
+                   fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0), repeats: int = 5) -> list[dict[str, Any]]:
+    """Test agreement per group of the selected probe fitted on random shares of the dev rows (no selection
+    happens here): would more labels of the same kind help?"""
+    rng = np.random.default_rng(0)
+    dev_rows, test = np.flatnonzero(dev), ~dev
+    curve = []
+    for fraction in fractions:
+        size = int(round(fraction * len(dev_rows)))
+        draws = []
+        for _ in range(repeats if fraction < 1 else 1):
+            chosen = rng.permutation(dev_rows)[:size]
+            predicted = fit_probe(x[chosen], labels[chosen], c).predict(x)
+            draws.append({g: float((predicted[test & (groups == g)] == labels[test & (groups == g)]).mean())
+                          for g in sorted(set(groups[test]))})
+        curve.append({"dev_rows": size, "test_agreement": {g: float(np.mean([d[g] for d in draws])) for g in draws[0]}})
+    return curve
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -192,6 +212,9 @@ def main() -> None:
                          "answer_chars": ANSWER_CHARS}, **run(rows, features)}
     print(json.dumps({k: result[k] for k in ("selected", "seconds_per_answer")}, indent=2))
     print(markdown(result))
+    for point in result["learning_curve"]:
+        print(f"- fitted on {point['dev_rows']} dev rows: test agreement "
+              + ", ".join(f"{g} {100 * a:.1f}%" for g, a in point["test_agreement"].items()))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

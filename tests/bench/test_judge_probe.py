@@ -65,3 +65,12 @@ def test_features_from_a_real_model_are_cached_by_rows(tiny_model_dir, tmp_path)
     changed = [rows[0], dict(rows[1], response="Here is how: ...")]
     fresh, _ = load_or_extract(tiny_model_dir, changed, cache, threads=1)
     assert fresh.any() and fresh.shape == (2, 3, 256)
+
+
+def test_learning_curve_fits_on_shares_of_dev_rows_and_scores_test_rows() -> None:
+    rows, features = synthetic()
+    curve = run(rows, features)["learning_curve"]
+    assert [point["dev_rows"] for point in curve] == [12, 24, 36, 48]
+    for point in curve:
+        assert set(point["test_agreement"]) == {"qwen25coder05b", "smollm2"}
+    assert curve[-1]["test_agreement"]["smollm2"] > 0.9  # the informative layer separates them
