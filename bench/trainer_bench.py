@@ -427,13 +427,14 @@ def summarise_records(
 ) -> dict:
     """Throughput and the output checks of one sampler's records."""
     refusals = [r for record in records for r in record.refusals]
-    over_bound, longest = 0, 0
+    over_bound, longest, counted_samples = 0, 0, 0
     for record in records:
         bound = config.sampling.max_tokens(bool(harmless[record.query_index] >= 0.5))
-        for sample in record.samples:
-            # The samplers keep no token counts: the cleaned text is re-tokenised, which is at most the
-            # generated count for real text (a random model's byte fragments can re-tokenise longer).
-            tokens = len(frozen.tokenizer.encode(sample, add_special_tokens=False))
+        for sample, counted in zip(record.samples, record.tokens or [None] * len(record.samples), strict=True):
+            # The sampler's own count where it has one (re-tokenising the text can give more tokens than
+            # were generated: 65 for a 64-token SmolLM2 sample on 2026-12-03); else the re-tokenised text.
+            tokens = counted if counted is not None else len(frozen.tokenizer.encode(sample, add_special_tokens=False))
+            counted_samples += counted is not None
             over_bound, longest = over_bound + (tokens > bound), max(longest, tokens)
     return {
         "seconds": seconds,
@@ -442,6 +443,7 @@ def summarise_records(
         "samples_per_query": sorted({len(record.samples) for record in records}),
         "samples_over_token_bound": over_bound,
         "longest_sample_tokens": longest,
+        "samples_counted_by_sampler": counted_samples,
         "samples": len(refusals),
         "refusal_rate": sum(refusals) / len(refusals),
         "mean_soft_label": sum(record.soft_label for record in records) / len(records),

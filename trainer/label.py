@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import torch
@@ -45,19 +45,24 @@ class LabelRecord:
     refusals: list[bool]
     kept: list[int]
     soft_label: float
+    # Tokens each sample generated, as the sampler counted them (None where it could not: a vLLM stream
+    # the judge hung up on ends before vLLM reports usage).
+    tokens: list[int | None] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
 
 
-def score_samples(condition: str, query_index: int, samples: list[str], judge: Judge, num_keep: int) -> LabelRecord:
+def score_samples(condition: str, query_index: int, samples: list[str], judge: Judge, num_keep: int,
+                  tokens: list[int | None] | None = None) -> LabelRecord:
     """Judge cleaned samples, keep the `num_keep` longest, label = fraction of kept that complied."""
     cleaned = [trim_unfinished_tail(s) for s in samples]
     refusals = [judge.judge(s).refusal for s in cleaned]
     order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i].split()), reverse=True)
     kept = sorted(order[:num_keep])
     soft = sum(not refusals[i] for i in kept) / len(kept)
-    return LabelRecord(condition, query_index, cleaned, refusals, kept, soft)
+    return LabelRecord(condition, query_index, cleaned, refusals, kept, soft,
+                       list(tokens) if tokens is not None else [None] * len(samples))
 
 
 def sample_seed(config: LabelConfig, query_index: int, sample_index: int) -> int:
@@ -88,17 +93,20 @@ def sample_vllm(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], jud
 
     with ChatClient(config.vllm_url, timeout_s=config.request_timeout_s, max_connections=config.concurrency,
                     transport=transport) as client:
-        def one_sample(condition: str, query_index: int, query: str, harmless: bool, k: int) -> str:
+        def one_sample(condition: str, query_index: int, query: str, harmless: bool, k: int) -> tuple[str, int | None]:
             body = {"model": config.served_model_name, "messages": chat_messages(condition, query),
-                    **sampling.request_fields(harmless=harmless, seed=sample_seed(config, query_index, k))}
-            return client.stream_until(body, done).text
+                    **sampling.request_fields(harmless=harmless, seed=sample_seed(config, query_index, k)),
+                    "stream_options": {"include_usage": True}}
+            completion = client.stream_until(body, done)
+            return completion.text, completion.completion_tokens
 
         pool = ThreadPoolExecutor(max_workers=config.concurrency)
         try:
             pending = [(job, [pool.submit(one_sample, *job, k) for k in range(config.num_samples)]) for job in jobs]
             for (condition, query_index, _, _), futures in pending:
-                samples = [future.result() for future in futures]
-                on_done(score_samples(condition, query_index, samples, judge, config.num_keep))
+                answers = [future.result() for future in futures]
+                on_done(score_samples(condition, query_index, [text for text, _ in answers], judge, config.num_keep,
+                                      [count for _, count in answers]))
         except BaseException:
             abandoned.set()
             raise
@@ -137,5 +145,8 @@ def sample_hf(config: LabelConfig, frozen, jobs: list[tuple[str, int, str, bool]
                 num_return_sequences=config.num_samples, min_new_tokens=sampling.min_tokens,
                 max_new_tokens=sampling.max_tokens(harmless), pad_token_id=frozen.pad_id,
                 stopping_criteria=stopping)
-        samples = tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
-        on_done(score_samples(condition, query_index, samples, judge, config.num_keep))
+        generated = output[:, ids.shape[1]:]
+        samples = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        # Finished rows are padded; with pad = eos (most chat models) the eos itself is not counted.
+        tokens = (generated != frozen.pad_id).sum(dim=1).tolist()
+        on_done(score_samples(condition, query_index, samples, judge, config.num_keep, tokens))

@@ -65,18 +65,25 @@ def test_hf_sampler_stops_generating_once_the_judge_window_closes(frozen):
     assert runs[False][0] == 12
     assert 1 <= runs[True][0] <= 4, runs[True][0]
     assert [len(r.samples) for r in runs[True][1]] == [3] and runs[True][1][0].soft_label == 1.0
+    # The sampler counts the tokens it generated: all 12 without the stop, what ran before it with it.
+    assert runs[False][1][0].tokens == [12, 12, 12]
+    assert all(1 <= count <= runs[True][0] for count in runs[True][1][0].tokens), runs[True][1][0].tokens
 
 
 # --- vLLM sampler: the request, early hang-up and broken streams, against an in-process fake ------------
 
-def streamed(words: list[str], *, end: str = "data: [DONE]\n\n", served: list[int] | None = None):
-    """An SSE body, one word an event; `served` counts the events the client actually read."""
+def streamed(words: list[str], *, end: str = "data: [DONE]\n\n", served: list[int] | None = None,
+             usage: int | None = None):
+    """An SSE body, one word an event; `served` counts the events the client actually read; `usage` adds
+    vLLM's last event of a stream with `include_usage` (no choices, the completion's token count)."""
     def events():
         for word in words:
             if served is not None:
                 served.append(1)
             yield ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": word},
                                                        "finish_reason": None}]}) + "\n\n").encode()
+        if usage is not None:
+            yield ("data: " + json.dumps({"choices": [], "usage": {"completion_tokens": usage}}) + "\n\n").encode()
         yield end.encode()
     return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
 
@@ -91,7 +98,7 @@ def test_vllm_sampler_sends_the_shared_paper_sampling_and_hangs_up_once_judged()
 
     def handler(request: httpx.Request) -> httpx.Response:
         bodies.append(json.loads(request.content))
-        return streamed(["Once", " upon", " a", " time"] + [" more"] * 40, served=served)
+        return streamed(["Once", " upon", " a", " time"] + [" more"] * 40, served=served, usage=44)
 
     jobs = [("short", 3, "Tell me a story.", True)]
     for stop in (False, True):
@@ -102,13 +109,16 @@ def test_vllm_sampler_sends_the_shared_paper_sampling_and_hangs_up_once_judged()
         assert len(records) == 1 and records[0].soft_label == 1.0
         if stop:
             assert records[0].samples == ["Once", "Once"] and len(served) <= 2 * 2
+            assert records[0].tokens == [None, None]  # hung up before the usage event
         else:
             assert len(served) == 2 * 44 and records[0].samples[0].startswith("Once upon a time more")
+            assert records[0].tokens == [44, 44]
     sent = {key: bodies[0][key] for key in ("temperature", "top_p", "top_k", "min_tokens", "max_tokens", "seed")}
     assert sent == {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "min_tokens": 10, "max_tokens": 200,
                     "seed": 3000}
     assert sorted(body["seed"] for body in bodies[:2]) == [3000, 3001] and bodies[0]["stream"] is True
     assert bodies[0]["messages"][0]["role"] == "system" and bodies[0]["model"] == "tiny"
+    assert bodies[0]["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize("end, message", [
@@ -149,3 +159,8 @@ def test_vllm_label_backend_against_the_real_server(vllm_server, tiny_model_dir,
     assert all(len(r["samples"]) == 2 and all(s for s in r["samples"]) for r in labels["records"])
     assert all(value in (0.0, 0.5, 1.0) for row in labels["soft_labels"] for value in row)
     assert not (run_dir / "labels.partial.jsonl").exists()
+    # vLLM reports each finished stream's token count; a stream the judge hung up on has none.
+    counts = [count for r in labels["records"] for count in r["tokens"]]
+    assert len(counts) == 8 and all(count is None or 1 <= count <= 16 for count in counts), counts
+    if not stop_when_judged:
+        assert all(isinstance(count, int) for count in counts), counts
