@@ -5,6 +5,13 @@ decoder layer's output after the final norm) at the last prompt token, i.e. the 
 generation prompt (authors' `forward.py`, `train.py:214`). Batches are right-padded and read at
 `lengths - 1`, so padding never changes a state.
 
+Every row of a batch starts with the same tokens: the chat template's opening and the system prompt
+(the soft prompt θ when training, a human prompt when extracting), often 100+ tokens of a 130-token row.
+`last_prompt_states` runs that shared prefix once, repeats its key/value cache across the batch and runs
+only each row's own tokens on top; with causal attention and right padding this is the same arithmetic
+as running every row whole (states and gradients equal to float rounding; tests/trainer), and the
+gradient reaches θ through the cache.
+
 This module knows nothing about labels, probes or files beyond the model folder.
 """
 
@@ -67,13 +74,31 @@ def load_frozen_model(model_dir: str | Path, dtype: str = "float32", device: str
     return FrozenChatModel(model=model, tokenizer=tokenizer, sentinel_id=sentinel_id, pad_id=int(pad_id))
 
 
+def shared_prefix_length(attention_mask: torch.Tensor, lengths: torch.Tensor, *,
+                         input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> int:
+    """How many leading positions every row has identical (ids, else embeddings, exactly), leaving each
+    row at least its last token of its own; 0 for a batch of one."""
+    if attention_mask.shape[0] < 2:
+        return 0
+    if input_ids is not None:
+        same = (input_ids == input_ids[:1]).all(dim=0)
+    else:
+        assert inputs_embeds is not None
+        same = (inputs_embeds == inputs_embeds[:1]).all(dim=-1).all(dim=0)
+    same = same & attention_mask.bool().all(dim=0)
+    prefix = int(same.long().cumprod(dim=0).sum())
+    return max(0, min(prefix, int(lengths.min()) - 1))
+
+
 def last_prompt_states(model: torch.nn.Module, attention_mask: torch.Tensor, lengths: torch.Tensor, *,
                        input_ids: torch.Tensor | None = None,
-                       inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                       inputs_embeds: torch.Tensor | None = None,
+                       share_prefix: bool = True) -> torch.Tensor:
     """Final-norm hidden state at the last real token of each right-padded row -> [batch, hidden].
 
     input_ids [B, T] int64 or inputs_embeds [B, T, H]; attention_mask [B, T]; lengths [B].
     Returned in the model's dtype, on the model's device; callers cast to float32 for statistics.
+    With `share_prefix` the rows' common leading tokens are run once (module docstring).
     """
     device = model.get_input_embeddings().weight.device
     input_ids = None if input_ids is None else input_ids.to(device)
@@ -82,9 +107,27 @@ def last_prompt_states(model: torch.nn.Module, attention_mask: torch.Tensor, len
     # after the final norm. Skipping the head is not only less work: torch 2.13's CPU bf16 linear on the
     # head's input slice (`hidden[:, -1:]`, not contiguous) took 47-58 s for a batch of 25 on Qwen's
     # 151,936-row head, against 37-55 ms on a contiguous copy (measured, docs/trainer.md).
-    output = model.get_decoder()(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                 use_cache=False)
-    final = output.last_hidden_state  # [B, T, H], after the final norm
+    decoder = model.get_decoder()
+    prefix = (shared_prefix_length(attention_mask, lengths, input_ids=input_ids, inputs_embeds=inputs_embeds)
+              if share_prefix else 0)
+    if prefix == 0:
+        final = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                        use_cache=False).last_hidden_state  # [B, T, H], after the final norm
+    else:
+        from transformers import DynamicCache
+
+        def part(tensor: torch.Tensor | None, rows: slice, columns: slice) -> torch.Tensor | None:
+            return None if tensor is None else tensor[rows, columns]
+
+        cache = DynamicCache(config=model.config)
+        head = slice(0, prefix)
+        decoder(input_ids=part(input_ids, slice(0, 1), head), inputs_embeds=part(inputs_embeds, slice(0, 1), head),
+                attention_mask=attention_mask[:1, head], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(attention_mask.shape[0])
+        rest = slice(prefix, None)
+        final = decoder(input_ids=part(input_ids, slice(None), rest), inputs_embeds=part(inputs_embeds, slice(None), rest),
+                        attention_mask=attention_mask, past_key_values=cache, use_cache=True).last_hidden_state
+        lengths = lengths - prefix  # positions within the rows' own tokens
     rows = torch.arange(final.shape[0], device=device)
     states = final[rows, lengths - 1]
     assert states.shape == (final.shape[0], final.shape[-1])

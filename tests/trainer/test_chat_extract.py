@@ -96,3 +96,51 @@ def test_template_without_a_default_system_prompt_has_no_template_default_span(t
     sentinel_id = prepare_tokenizer_for_splice(tok)
     with pytest.raises(ChatTemplateError, match="no default system prompt"):
         find_prompt_span(tok, sentinel_id, None, "How do I bake bread?")
+
+
+def test_shared_prefix_length_stops_at_the_first_difference_and_leaves_every_row_a_token():
+    from trainer.model import shared_prefix_length
+
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 9, 0], [1, 2, 3, 4, 7]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert shared_prefix_length(mask, torch.tensor([5, 4, 5]), input_ids=ids) == 3
+    same = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    assert shared_prefix_length(torch.ones_like(same), torch.tensor([3, 3]), input_ids=same) == 2  # keeps one
+    assert shared_prefix_length(torch.ones(1, 5, dtype=torch.long), torch.tensor([5]), input_ids=ids[:1]) == 0
+    embeds = torch.zeros(2, 4, 3)
+    embeds[1, 2, 0] = 1e-6  # embeddings are compared exactly
+    assert shared_prefix_length(torch.ones(2, 4, dtype=torch.long), torch.tensor([4, 4]), inputs_embeds=embeds) == 2
+
+
+def test_running_the_shared_prefix_once_gives_the_same_states_and_gradients(frozen, queries):
+    """The soft-prompt path as the optimiser runs it: θ's gradient through the repeated cache equals the
+    gradient of running every row whole, and the layers see far fewer tokens."""
+    from trainer.chat import build_spliced_batch, embed_spliced_batch
+    from trainer.model import shared_prefix_length
+
+    qs, _ = queries
+    theta0 = torch.randn(12, frozen.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
+    batch = build_spliced_batch(frozen.tokenizer, frozen.sentinel_id, qs, theta0.shape[0], frozen.pad_id)
+    seen: list[int] = []
+    layer = frozen.model.get_decoder().layers[0]
+    hook = layer.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0] * args[0].shape[1]))
+    results = {}
+    try:
+        for share in (False, True):
+            seen.clear()
+            theta = theta0.clone().requires_grad_(True)
+            embeds = embed_spliced_batch(frozen.embedding(), batch, theta)
+            states = last_prompt_states(frozen.model, batch.attention_mask, batch.lengths, inputs_embeds=embeds,
+                                        share_prefix=share)
+            (states.pow(2).sum() + states[:, :7].sum()).backward()
+            results[share] = (states.detach(), theta.grad, sum(seen))
+    finally:
+        hook.remove()
+    prefix = shared_prefix_length(batch.attention_mask, batch.lengths,
+                                  inputs_embeds=embed_spliced_batch(frozen.embedding(), batch, theta0))
+    assert prefix >= theta0.shape[0]  # the template's opening and every θ row
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=1e-5)
+    shared_grad, whole_grad = results[True][1], results[False][1]
+    assert float((shared_grad - whole_grad).norm() / whole_grad.norm()) < 1e-5  # float32 rounding of a sum order
+    assert results[False][2] == batch.input_ids.numel()
+    assert results[True][2] == batch.input_ids.numel() - (len(qs) - 1) * prefix
