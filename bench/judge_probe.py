@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.judge_accuracy import DEFAULT_LABELS, read_labels
-from evaluation.metrics import wilson_interval
+from bench.judge_accuracy import DEFAULT_LABELS, Scores, read_labels
 from safeprompt.judge import get_judge
 
 REQUEST_CHARS = 1500
@@ -130,12 +129,12 @@ def select(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
     return sorted(results, key=lambda s: (-min(s.cv_agreement[g] for g in present), s.layer, s.c))
 
 
-def agreement(predicted: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    hits = int((predicted == labels).sum())
-    tp = int((predicted & labels).sum())
-    return {"n": int(len(labels)), "agree": hits, "agreement": hits / len(labels) if len(labels) else None,
-            "agreement_ci95": wilson_interval(hits, len(labels)), "tp": tp,
-            "fp": int((predicted & ~labels).sum()), "fn": int((~predicted & labels).sum())}
+def agreement(name: str, group: str, predicted: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """judge_accuracy's confusion counts and intervals for one judge on one group's test rows, plus `agree`."""
+    counts = {"tp": int((predicted & labels).sum()), "fp": int((predicted & ~labels).sum()),
+              "fn": int((~predicted & labels).sum()), "tn": int((~predicted & ~labels).sum())}
+    scores = Scores(name, "test", group, int(len(labels)), **counts)
+    return scores.as_dict() | {"agree": scores.tp + scores.tn}
 
 
 def run(rows: list[dict], features: np.ndarray) -> dict[str, Any]:
@@ -151,7 +150,8 @@ def run(rows: list[dict], features: np.ndarray) -> dict[str, Any]:
         verdicts[name] = np.array([judge.judge(row["response"]).refusal for row in rows])
     verdicts["vote"] = (verdicts["probe"].astype(int) + verdicts["phrases"] + verdicts["learned"]) >= 2
     test = ~dev
-    scores = {name: {group: agreement(predicted[test & (groups == group)], labels[test & (groups == group)])
+    scores = {name: {group: agreement(name, group, predicted[test & (groups == group)],
+                                      labels[test & (groups == group)])
                      for group in sorted(set(groups[test]))}
               for name, predicted in verdicts.items()}
     return {"selected": {"layer": best.layer, "C": best.c, "dev_cv_agreement": best.cv_agreement},

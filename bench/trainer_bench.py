@@ -430,7 +430,7 @@ def summarise_records(
     over_bound, longest, counted_samples = 0, 0, 0
     for record in records:
         bound = config.sampling.max_tokens(bool(harmless[record.query_index] >= 0.5))
-        for sample, counted in zip(record.samples, record.tokens or [None] * len(record.samples), strict=True):
+        for sample, counted in zip(record.samples, record.tokens, strict=True):
             # The sampler's own count where it has one (re-tokenising the text can give more tokens than
             # were generated: 65 for a 64-token SmolLM2 sample on 2026-12-03); else the re-tokenised text.
             tokens = counted if counted is not None else len(frozen.tokenizer.encode(sample, add_special_tokens=False))

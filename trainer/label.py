@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 import torch
@@ -47,7 +47,7 @@ class LabelRecord:
     soft_label: float
     # Tokens each sample generated, as the sampler counted them (None where it could not: a vLLM stream
     # the judge hung up on ends before vLLM reports usage).
-    tokens: list[int | None] = field(default_factory=list)
+    tokens: list[int | None]
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
