@@ -60,14 +60,14 @@ from safeprompt.client import ChatClient
 from safeprompt.files import atomic_write_text
 from safeprompt.judge import get_judge
 from safeprompt.models import DEFAULT_CACHE, build_tiny_llama, resolve_model
-from trainer.chat import SENTINEL, render_ids, sentinel_position
-from trainer.config import DataConfig, LabelConfig, OptimizeConfig
+from trainer.chat import SENTINEL, chat_batch, render_ids, sentinel_position
+from trainer.config import DataConfig, ExtractConfig, LabelConfig, OptimizeConfig
 from trainer.data import read_queries
 from trainer.extract import extract_condition_states, extract_states, extract_states_per_query, system_text
 from trainer.fit import fit_pca
 from trainer.geometry import DroGeometry, Pca, Probe
 from trainer.label import LabelRecord, chat_messages, sample_hf, sample_vllm
-from trainer.model import FrozenChatModel, load_frozen_model
+from trainer.model import FrozenChatModel, load_frozen_model, shared_prefix_length
 from trainer.optimize import accumulate_gradient, combine_loss, dro_loss_terms, initial_soft_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,26 +161,19 @@ def measure(meter: PeakMemory, device: torch.device, work: Callable[[], object])
 # --- extract --------------------------------------------------------------------------------------
 
 
-def largest_batch(frozen: FrozenChatModel, conditions: list[str], queries: list[str], batch_size: int) -> dict:
-    """Size of the largest right-padded batch `extract_states` builds, and the share of padding overall."""
-    rows_padded, real, padded = (0, 0), 0, 0
+def token_passes(frozen: FrozenChatModel, conditions: list[str], queries: list[str], batch_size: int) -> dict:
+    """Tokens the decoder layers see in `extract_states` (each batch's shared prefix once, then the rows' own
+    tokens, packed without padding) against the reference loop (every row whole): their ratio is the
+    arithmetic ceiling of the speed-up."""
+    trainer, reference = 0, 0
     for condition in conditions:
-        lengths = [len(render_ids(frozen.tokenizer, system_text(condition), q)) for q in queries]
-        for start in range(0, len(lengths), batch_size):
-            chunk = lengths[start : start + batch_size]
-            real, padded = real + sum(chunk), padded + len(chunk) * max(chunk)
-            rows_padded = max(rows_padded, (len(chunk) * max(chunk), len(chunk)))
-    tokens, rows = rows_padded
-    config = frozen.model.config
-    element = frozen.embedding().weight.element_size()
-    # output_hidden_states=True returns num_hidden_layers + 1 tensors [rows, seq, hidden].
-    hidden_states = (config.num_hidden_layers + 1) * tokens * config.hidden_size * element
-    return {
-        "rows": rows,
-        "padded_tokens": tokens,
-        "hidden_states_mib": round(hidden_states / MIB, 2),
-        "padding_share": round(1 - real / padded, 3),
-    }
+        for start in range(0, len(queries), batch_size):
+            chunk = queries[start : start + batch_size]
+            ids, mask, lengths = chat_batch(frozen.tokenizer, system_text(condition), chunk, frozen.pad_id)
+            prefix = shared_prefix_length(mask, lengths, input_ids=ids)
+            trainer += prefix + int((lengths - prefix).sum())
+            reference += int(lengths.sum())
+    return {"trainer_tokens": trainer, "reference_tokens": reference, "ratio": round(reference / trainer, 2)}
 
 
 def bench_extract(
@@ -211,7 +204,7 @@ def bench_extract(
         "speedup": loop_s / batched_s,
         "max_abs_diff": float(difference.max()),
         "max_rel_diff": float(difference.max() / loop.abs().max()),
-        "largest_batch": largest_batch(frozen, conditions, queries, batch_size),
+        "token_passes": token_passes(frozen, conditions, queries, batch_size),
         "trainer_memory": batched_memory,
         "reference_memory": loop_memory,
     }
@@ -579,7 +572,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--queries", type=int, default=16, help="N JBB queries, half harmful, half benign")
     parser.add_argument("--conditions", default="none,default", help="prompt conditions of extract and label")
-    parser.add_argument("--batch-size", type=int, default=16, help="extract batch size")
+    parser.add_argument("--batch-size", type=int, default=ExtractConfig().batch_size, help="extract batch size")
     parser.add_argument("--micro-batch-size", type=int, default=optimize_defaults.micro_batch_size)
     parser.add_argument("--init-prompt", default=optimize_defaults.init_prompt)
     parser.add_argument("--steps", type=int, default=3, help="timed optimise steps (after one warm-up step)")

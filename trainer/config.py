@@ -86,7 +86,8 @@ class LabelConfig(_Strict):
 
 
 class ExtractConfig(_Strict):
-    batch_size: int = Field(default=16, gt=0)
+    # Rows per batch share one prefix pass (trainer.model); without gradients memory is small.
+    batch_size: int = Field(default=64, gt=0)
     # bf16 as the authors (and as vLLM serves by default); the states are stored as float32.
     dtype: ModelDtype = "bfloat16"
 
@@ -133,7 +134,8 @@ class OptimizeConfig(_Strict):
     weight_decay: float = 0.01
     clip_norm: float = 1.0
     batch_size: int = Field(default=50, gt=0)
-    micro_batch_size: int = Field(default=10, gt=0, description="gradient accumulation chunk (memory only)")
+    # The whole batch in one pass by default: packed rows (trainer.model) hold less than 10 padded rows did.
+    micro_batch_size: int = Field(default=50, gt=0, description="gradient accumulation chunk (memory only)")
     epochs: int = Field(default=40, gt=0)
     seed: int = 42
     # Health check after training (not in the paper): greedy answers of this many harmful and as

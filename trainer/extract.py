@@ -45,7 +45,7 @@ def extract_condition_states(frozen: FrozenChatModel, system: str | None, querie
 
 
 def extract_states(frozen: FrozenChatModel, conditions: tuple[str, ...] | list[str], queries: list[str],
-                   batch_size: int = 16, show_progress: bool = True) -> torch.Tensor:
+                   batch_size: int = 64, show_progress: bool = True) -> torch.Tensor:
     """[num_conditions, num_queries, hidden] float32 states, condition-major."""
     if not queries:
         raise ValueError("no queries to extract")

@@ -83,7 +83,7 @@ def soft_prompt_states(frozen: FrozenChatModel, soft_prompt: torch.Tensor, queri
 
 @torch.no_grad()
 def soft_prompt_states_batched(frozen: FrozenChatModel, soft_prompt: torch.Tensor, queries: list[str],
-                               batch_size: int = 16) -> torch.Tensor:
+                               batch_size: int = 64) -> torch.Tensor:
     """hθ for many queries without gradients -> [Q, H] float32."""
     return torch.cat([soft_prompt_states(frozen, soft_prompt, queries[i:i + batch_size]).float().cpu()
                       for i in range(0, len(queries), batch_size)])

@@ -253,9 +253,9 @@ def run_optimize(config: RunConfig, show_progress: bool = True) -> None:
 
 def reference_states(config: RunConfig, frozen, condition: str, system: str | None,
                      queries: list[str]) -> torch.Tensor:
-    """h0 = h(x, P) [Q, hidden] float32 with the real prompt, in the optimisation's dtype (so Δz = 0 at
-    step 0): the extract stage's states of `condition` when they were computed in that dtype, else
-    extracted now."""
+    """h0 = h(x, P) [Q, hidden] float32 with the real prompt, in the optimisation's dtype (so Δz is 0 up to
+    rounding at step 0): the extract stage's states of `condition` when they were computed in that dtype,
+    else extracted now."""
     from trainer.extract import extract_condition_states
 
     states_json = config.run_dir / "states.json"

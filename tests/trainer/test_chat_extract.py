@@ -112,9 +112,21 @@ def test_shared_prefix_length_stops_at_the_first_difference_and_leaves_every_row
     assert shared_prefix_length(torch.ones(2, 4, dtype=torch.long), torch.tensor([4, 4]), inputs_embeds=embeds) == 2
 
 
-def test_running_the_shared_prefix_once_gives_the_same_states_and_gradients(frozen, queries):
-    """The soft-prompt path as the optimiser runs it: θ's gradient through the repeated cache equals the
-    gradient of running every row whole, and the layers see far fewer tokens."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_running_the_shared_prefix_once_gives_the_same_states_and_gradients(frozen, queries, attention):
+    """The soft-prompt path as the optimiser runs it: the prefix once, then the rows' own tokens packed into
+    one sequence with a block mask. θ's gradient through the prefix's cache equals the gradient of running
+    every row whole, and the layers see only the prefix and the rows' real tokens (no padding)."""
+    before = frozen.model.config._attn_implementation
+    frozen.model.set_attn_implementation(attention)
+    assert frozen.model.config._attn_implementation == attention
+    try:
+        check_shared_prefix(frozen, queries)
+    finally:
+        frozen.model.set_attn_implementation(before)
+
+
+def check_shared_prefix(frozen, queries):
     from trainer.chat import build_spliced_batch, embed_spliced_batch
     from trainer.model import shared_prefix_length
 
@@ -143,4 +155,5 @@ def test_running_the_shared_prefix_once_gives_the_same_states_and_gradients(froz
     shared_grad, whole_grad = results[True][1], results[False][1]
     assert float((shared_grad - whole_grad).norm() / whole_grad.norm()) < 1e-5  # float32 rounding of a sum order
     assert results[False][2] == batch.input_ids.numel()
-    assert results[True][2] == batch.input_ids.numel() - (len(qs) - 1) * prefix
+    assert results[True][2] == prefix + int((batch.lengths - prefix).sum())
+    assert results[True][2] < batch.input_ids.numel() - (len(qs) - 1) * prefix  # less than repeating the cache

@@ -66,8 +66,11 @@ def test_forced_artifact_round_trips_into_the_gateway_loader(trained_run, tiny_m
     assert artifact.tensors["pca_components"].shape == (256, 4) and artifact.tensors["refusal_bias"].shape == ()
     assert m.configs["optimize"]["epochs"] == 2 and len(m.data_hashes) == 2 and m.metrics["steps"] == 2
     # Extract and optimize both ran in bf16, so the reference states are reused and step 1 (θ = θ0)
-    # has no drift at all; the health figures travel with the artifact.
-    assert m.metrics["training_dtype"] == "bfloat16" and m.metrics["health"]["off_subspace_first"] == 0.0
+    # has no drift beyond bf16 rounding (extract packs 4 rows, the optimiser 2, so the sums run in another
+    # order); the health figures travel with the artifact.
+    health = m.metrics["health"]
+    assert m.metrics["training_dtype"] == "bfloat16" and 0 <= health["off_subspace_first"] < 1e-3
+    assert health["off_subspace_first"] <= health["off_subspace_last"]
     assert isinstance(m.metrics["health"]["warnings"], list)
     # The answer-length check ran: greedy answers of the 2 + 2 training queries under θ0 and θ.
     optimize = json.loads((run_dir / "optimize.json").read_text())
