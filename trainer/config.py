@@ -69,7 +69,7 @@ class LabelConfig(_Strict):
     # "keep the longest" selection then sees truncated lengths.
     stop_when_judged: bool = False
     seed: int = 0
-    concurrency: int = Field(default=8, gt=0, description="requests in flight (vLLM backend)")
+    concurrency: int = Field(default=64, gt=0, description="requests in flight (vLLM backend; it batches them)")
     request_timeout_s: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
