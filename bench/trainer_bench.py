@@ -4,9 +4,9 @@ Each part times the trainer's own code path and a reference loop written the way
 (github.com/chujiezheng/LLM-Safeguard, `code/`) run that stage one query at a time, checks that both give the
 same outputs, and reports one JSON object:
 
-- extract: `trainer.extract.extract_states` (right-padded batches of `--batch-size`) against
+- extract: `trainer.extract.extract_states` (batches of `--batch-size`: prefix shared, rows packed) against
   `extract_states_per_query` (one unpadded forward per (condition, query), as the authors' forward.py):
-  seconds, speed-up, max |difference| of the states, the largest batch's padded size, peak memory.
+  seconds, speed-up, max |difference| of the states, the token passes of each side, peak memory.
 - optimize: one warm-up and `--steps` timed AdamW steps (clip 1.0, as `optimize_soft_prompt`) on one batch of
   all `--queries` queries from the same θ0 (the init prompt's in-context token rows), through the trainer's
   `accumulate_gradient` (its splice, micro-batches of `--micro-batch-size`) and through a batch-of-one loop

@@ -1,9 +1,10 @@
 """Extract stage: h(x, S) for every (condition, query), batched.
 
-`extract_states` runs right-padded batches through the frozen model and returns float32 states
-[num_conditions, num_queries, hidden] in the order of the conditions given. Condition `none` means
-no system message (the model's template may then insert its own default; that is the model's
-behaviour, as in the paper). `extract_states_per_query` is the authors' loop (one forward per
+`extract_states` runs batches through the frozen model (each batch's shared prefix once, then the
+rows' own tokens packed; trainer.model) and returns float32 states [num_conditions, num_queries,
+hidden] in the order of the conditions given. Condition `none` means no system message (the model's
+template may then insert its own default; that is the model's behaviour, as in the paper).
+`extract_states_per_query` is the authors' loop (one forward per
 query, no padding) for the benchmark and the padding test.
 
 Knows nothing about labels, probes or files.

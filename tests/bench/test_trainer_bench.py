@@ -68,7 +68,7 @@ def test_reference_splice_matches_the_trainers(frozen, queries):
     qs, _ = queries
     theta = torch.randn(5, frozen.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
     with torch.no_grad():
-        batched = soft_prompt_states(frozen, theta, qs)  # [Q, H], right-padded batch
+        batched = soft_prompt_states(frozen, theta, qs)  # [Q, H], one batch: prefix shared, rows packed
         one_by_one = torch.stack([reference_soft_prompt_state(frozen, theta, q) for q in qs])
     assert torch.allclose(batched, one_by_one, atol=1e-4)
 
