@@ -112,21 +112,33 @@ def test_shared_prefix_length_stops_at_the_first_difference_and_leaves_every_row
     assert shared_prefix_length(torch.ones(2, 4, dtype=torch.long), torch.tensor([4, 4]), inputs_embeds=embeds) == 2
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_running_the_shared_prefix_once_gives_the_same_states_and_gradients(frozen, queries, attention):
+@pytest.mark.parametrize(("attention", "pack_tokens"), [("sdpa", 256), ("eager", 256), ("sdpa", 40), ("sdpa", 1)])
+def test_running_the_shared_prefix_once_gives_the_same_states_and_gradients(frozen, queries, attention, pack_tokens):
     """The soft-prompt path as the optimiser runs it: the prefix once, then the rows' own tokens packed into
-    one sequence with a block mask. θ's gradient through the prefix's cache equals the gradient of running
-    every row whole, and the layers see only the prefix and the rows' real tokens (no padding)."""
+    sequences with a block mask (one pack; a few; one row each). θ's gradient through the prefix's cache
+    equals the gradient of running every row whole, and the layers see only the prefix and the rows' real
+    tokens (no padding)."""
     before = frozen.model.config._attn_implementation
     frozen.model.set_attn_implementation(attention)
     assert frozen.model.config._attn_implementation == attention
     try:
-        check_shared_prefix(frozen, queries)
+        packs = check_shared_prefix(frozen, queries, pack_tokens)
     finally:
         frozen.model.set_attn_implementation(before)
+    assert packs == {256: 1, 40: 4, 1: len(queries[0])}[pack_tokens]  # own tokens 15, 13, 15, 13, 13, 12, 13, 14
 
 
-def check_shared_prefix(frozen, queries):
+def test_rows_are_packed_in_order_within_the_budget():
+    from trainer.model import pack_rows
+
+    assert pack_rows([5, 5, 5], 10) == [slice(0, 2), slice(2, 3)]
+    assert pack_rows([5, 12, 3, 3], 10) == [slice(0, 1), slice(1, 2), slice(2, 4)]  # a long row alone
+    assert pack_rows([4], 1) == [slice(0, 1)]
+    assert pack_rows([1] * 6, 100) == [slice(0, 6)]
+
+
+def check_shared_prefix(frozen, queries, pack_tokens) -> int:
+    """Runs the comparison; returns how many packed forwards the shared path made."""
     from trainer.chat import build_spliced_batch, embed_spliced_batch
     from trainer.model import shared_prefix_length
 
@@ -143,9 +155,9 @@ def check_shared_prefix(frozen, queries):
             theta = theta0.clone().requires_grad_(True)
             embeds = embed_spliced_batch(frozen.embedding(), batch, theta)
             states = last_prompt_states(frozen.model, batch.attention_mask, batch.lengths, inputs_embeds=embeds,
-                                        share_prefix=share)
+                                        share_prefix=share, pack_tokens=pack_tokens)
             (states.pow(2).sum() + states[:, :7].sum()).backward()
-            results[share] = (states.detach(), theta.grad, sum(seen))
+            results[share] = (states.detach(), theta.grad, sum(seen), len(seen))
     finally:
         hook.remove()
     prefix = shared_prefix_length(batch.attention_mask, batch.lengths,
@@ -157,3 +169,4 @@ def check_shared_prefix(frozen, queries):
     assert results[False][2] == batch.input_ids.numel()
     assert results[True][2] == prefix + int((batch.lengths - prefix).sum())
     assert results[True][2] < batch.input_ids.numel() - (len(qs) - 1) * prefix  # less than repeating the cache
+    return results[True][3] - 1  # forwards of the first layer, less the prefix's
