@@ -99,6 +99,8 @@ def run_stages(stage: str, config, show_progress: bool) -> None:
     config.run_dir.mkdir(parents=True, exist_ok=True)
     store.write_json(config.run_dir / "config.json", config.model_dump(mode="json"))
     chosen = pipeline.STAGES if stage in ("all", "run") else (stage,)
+    if "optimize" in chosen and not pipeline.stage_is_done(config, "optimize"):
+        pipeline.check_optimize_batches(config)  # before the label stage's minutes or hours, not after
     for name in chosen:
         print(f"[trainer] {name}: {'done earlier, skipped' if pipeline.stage_is_done(config, name) else 'running'}",
               file=sys.stderr)

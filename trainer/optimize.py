@@ -89,10 +89,18 @@ def soft_prompt_states_batched(frozen: FrozenChatModel, soft_prompt: torch.Tenso
                       for i in range(0, len(queries), batch_size)])
 
 
+def check_batch_size(n: int, batch_size: int) -> None:
+    """The authors' batches are equal: `batch_size` must divide the number of training queries."""
+    if n % batch_size != 0:
+        fits = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+        raise ValueError(f"{n} training queries is not a multiple of optimize.batch_size {batch_size}; set "
+                         f"optimize.batch_size to a divisor of {n} (the largest below {batch_size} is {fits}) "
+                         "or change data.limit")
+
+
 def shuffled_batches(n: int, batch_size: int, epochs: int, seed: int):
     """Yield (epoch, index list) like the authors' get_shuffled_messages_and_labels."""
-    if n % batch_size != 0:
-        raise ValueError(f"{n} training queries is not a multiple of the batch size {batch_size}")
+    check_batch_size(n, batch_size)
     rng = random.Random(seed)
     indices = list(range(n))
     for epoch in range(epochs):

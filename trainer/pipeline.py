@@ -251,6 +251,13 @@ def run_optimize(config: RunConfig, show_progress: bool = True) -> None:
         "score_shift": score_shift(trained, reference, harmless, geometry)})
 
 
+def check_optimize_batches(config: RunConfig) -> None:
+    """ValueError unless optimize.batch_size divides the training queries (checked before any stage runs)."""
+    from trainer.optimize import check_batch_size
+
+    check_batch_size(len(load_training_queries(config.data).queries), config.optimize.batch_size)
+
+
 def reference_states(config: RunConfig, frozen, condition: str, system: str | None,
                      queries: list[str]) -> torch.Tensor:
     """h0 = h(x, P) [Q, hidden] float32 with the real prompt, in the optimisation's dtype (so Δz is 0 up to

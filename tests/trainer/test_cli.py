@@ -118,6 +118,16 @@ def test_empty_query_file_is_a_clear_error_and_writes_nothing(tiny_model_dir, tm
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
 
 
+def test_a_batch_size_that_does_not_divide_the_queries_stops_before_labelling(tiny_model_dir, tmp_path,
+                                                                               query_files, capsys):
+    run_dir = tmp_path / "run"  # 4 + 4 queries, batches of 3
+    assert main(["all", "--model-dir", str(tiny_model_dir), "--run-dir", str(run_dir), *FAST,
+                 "--set", "data.limit=4", "--set", "optimize.batch_size=3", *data_args(*query_files)]) == 2
+    err = capsys.readouterr().err
+    assert "8 training queries is not a multiple of optimize.batch_size 3" in err and "largest below 3 is 2" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]  # nothing sampled
+
+
 def test_model_without_chat_template_is_a_clear_error(tiny_model_dir, tmp_path, query_files, capsys):
     model = tmp_path / "no-template"
     shutil.copytree(tiny_model_dir, model)
