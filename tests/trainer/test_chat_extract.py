@@ -128,6 +128,28 @@ def test_running_the_shared_prefix_once_gives_the_same_states_and_gradients(froz
     assert packs == {256: 1, 40: 4, 1: len(queries[0])}[pack_tokens]  # own tokens 15, 13, 15, 13, 13, 12, 13, 14
 
 
+def test_attention_without_a_custom_mask_runs_whole_rows(frozen, queries, monkeypatch):
+    """An attention implementation outside PACKABLE_ATTENTION (flash-attention kernels take no 4D mask) gets
+    whole right-padded rows: every padded position passes the layers, and the states are the same."""
+    import trainer.model
+
+    qs, _ = queries
+    ids, mask, lengths = chat_batch(frozen.tokenizer, None, qs, frozen.pad_id)
+    seen: list[int] = []
+    hook = frozen.model.get_decoder().layers[0].register_forward_hook(
+        lambda module, args, output: seen.append(args[0].shape[0] * args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            packed = last_prompt_states(frozen.model, mask, lengths, input_ids=ids)
+            monkeypatch.setattr(trainer.model, "PACKABLE_ATTENTION", ())
+            seen.clear()
+            whole = last_prompt_states(frozen.model, mask, lengths, input_ids=ids)
+    finally:
+        hook.remove()
+    assert seen == [ids.numel()]
+    torch.testing.assert_close(whole, packed, rtol=0, atol=1e-5)
+
+
 def test_rows_are_packed_in_order_within_the_budget():
     from trainer.model import pack_rows
 
