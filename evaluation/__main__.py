@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import SecretStr, ValidationError
 
 from safeprompt.client import ChatRequestError
+from safeprompt.judge.model_judge import ModelJudgeSettings
 from safeprompt.sampling import PAPER_NUM_KEEP, PAPER_NUM_SAMPLES
 
 from evaluation.cache import CacheError
@@ -81,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     judging.add_argument("--guard-url", help="OpenAI-compatible URL of a Llama-Guard-style model")
     judging.add_argument("--guard-model")
     judging.add_argument("--guard-api-key-env")
+    judging.add_argument("--model-judge-url", help="OpenAI-compatible URL of a refusal judge model: every answer "
+                         "is also judged by it, in a second report (implies --full-greedy-answers)")
+    judging.add_argument("--model-judge-model", help="its served model name")
+    judging.add_argument("--model-judge-format", choices=["ask", "wildguard"],
+                         help="ask: any chat model, asked Yes/No (default); wildguard: allenai/wildguard's prompt")
+    judging.add_argument("--model-judge-threshold", type=float, help="ask: P(refusal) from which it is one (0.5)")
+    judging.add_argument("--model-judge-no-constrain", dest="model_judge_constrain", action="store_false",
+                         default=None, help="ask: do not force Yes/No with vLLM's structured outputs "
+                                            "(for servers that are not vLLM)")
+    judging.add_argument("--model-judge-api-key-env")
     run = parser.add_argument_group("run")
     run.add_argument("--run-dir", type=Path, required=True, help="results and resumable cache")
     run.add_argument("--concurrency", type=int)
@@ -107,6 +118,23 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if guard_url is not None:
         fields["guard"] = (GuardSettings(guard_url, guard_model, SecretStr(_secret(guard_key_env))) if guard_key_env
                            else GuardSettings(guard_url, guard_model))
+    judge_fields = {name: fields.pop(f"model_judge_{name}", None)
+                    for name in ("url", "model", "format", "threshold", "constrain", "api_key_env")}
+    if (judge_fields["url"] is None) != (judge_fields["model"] is None):
+        raise ConfigError("--model-judge-url and --model-judge-model go together")
+    if judge_fields["url"] is not None:
+        options = {name: judge_fields[name] for name in ("format", "threshold", "constrain")
+                   if judge_fields[name] is not None}
+        if judge_fields["api_key_env"]:
+            options["api_key"] = _secret(judge_fields["api_key_env"])
+        try:
+            fields["model_judge"] = ModelJudgeSettings(base_url=judge_fields["url"], model=judge_fields["model"],
+                                                       **options)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, flag_prefix="--model-judge-")) from None
+        fields.setdefault("stop_greedy_when_judged", False)  # the judge model reads whole answers
+    elif any(value is not None for value in judge_fields.values()):
+        raise ConfigError("--model-judge-* options need --model-judge-url and --model-judge-model")
     if "api_key_env" in fields:
         fields["api_key"] = _secret(fields.pop("api_key_env"))
     if "artifact" in fields:
@@ -119,11 +147,11 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(**fields)
 
 
-def describe_validation_error(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, flag_prefix: str = "--") -> str:
     """One line per problem, named by its flag (`--top-p: ...`), not pydantic's report."""
     problems = []
     for item in error.errors():
-        flag = ("--" + "-".join(str(part) for part in item["loc"]).replace("_", "-")) if item["loc"] else ""
+        flag = (flag_prefix + "-".join(str(part) for part in item["loc"]).replace("_", "-")) if item["loc"] else ""
         message = item["msg"].removeprefix("Value error, ")
         problems.append(f"{flag}: {message}" if flag else message)
     return "; ".join(problems)
@@ -152,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         # Exit now: a normal exit would join the worker threads, i.e. wait for requests in flight.
         os._exit(130)
     print(render_markdown(result.report))
-    for kind, path in result.paths.items():
+    if result.model_report is not None:
+        print(render_markdown(result.model_report))
+    model_paths = {f"model judge {kind}": path for kind, path in (result.model_paths or {}).items()}
+    for kind, path in {**result.paths, **model_paths}.items():
         print(f"{kind}: {path}", file=sys.stderr)
     if not result.finished:
         print("dro-eval: run not finished (stopped early or answers missing); rerun the same command to resume",

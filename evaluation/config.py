@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from safeprompt.judge import DEFAULT_JUDGE
+from safeprompt.judge.model_judge import ModelJudgeSettings
 from safeprompt.sampling import PAPER_SAMPLING, MaxTokens, MinTokens, Sampling, Temperature, TopP
 
 from evaluation.querysets import DEFAULT_DATA_DIR
@@ -67,6 +68,8 @@ class EvalConfig(BaseModel):
     seed: int = 0
     judge: str = DEFAULT_JUDGE  # the gateway's default, so dashboard and evaluation figures agree
     guard: GuardSettings | None = None
+    # An optional refusal judge model: every answer also judged by it, in a second report.
+    model_judge: ModelJudgeSettings | None = None
     api_key: SecretStr = SecretStr("EMPTY")
     concurrency: int = Field(default=4, gt=0)
     timeout_s: float = Field(default=600.0, gt=0)
@@ -94,6 +97,9 @@ class EvalConfig(BaseModel):
             raise ValueError(f"--keep must be in [1, --samples={self.samples}], got {self.keep}")
         if self.samples and self.min_tokens > min(self.max_tokens_harmful, self.max_tokens_harmless):
             raise ValueError(f"--min-tokens {self.min_tokens} must be in [0, the smaller --max-tokens-*]")
+        if self.model_judge is not None and self.greedy and self.stop_greedy_when_judged:
+            raise ValueError("a refusal judge model reads whole answers: greedy answers must not stop early "
+                             "(--full-greedy-answers)")
         return self
 
     @property
@@ -120,7 +126,8 @@ class EvalConfig(BaseModel):
 
     def public_dict(self) -> dict[str, Any]:
         """The config as JSON-able data, secrets removed."""
-        return self.model_dump(mode="json", exclude={"api_key": True, "guard": {"api_key"}})
+        secrets = {"api_key": True, "guard": {"api_key"}, "model_judge": {"api_key"}}
+        return self.model_dump(mode="json", exclude=secrets)
 
 
 def derive_seed(*parts: object) -> int:

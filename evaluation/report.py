@@ -1,7 +1,8 @@
 """From cached answers to the published numbers: judging, the metric table, Markdown, JSON, chart.
 
 Answers are judged here, at report time, by the refusal judge (`safeprompt.judge`, the one the
-gateway's metrics use) on the raw answer text, as the gateway does; the paper metrics apply the
+gateway's metrics use) on the raw answer text, as the gateway does, or by the cached verdicts of a
+refusal judge model (`model_judges`); the paper metrics apply the
 paper's post-processing (`safeprompt.postprocess.trim_unfinished_tail`) first. Only queries with every needed answer
 are counted, so a partial run gives a smaller but honest table and a finished one always gives
 the same table. The output is deterministic (no clocks), and names the judge of every number.
@@ -11,17 +12,19 @@ This module knows nothing about HTTP.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evaluation import metrics
-from evaluation.cache import ResultCache
+from evaluation.cache import Key, ResultCache
 from evaluation.config import GREEDY, EvalConfig, derive_seed
 from evaluation.querysets import QuerySet
-from evaluation.runner import sample_keys
+from evaluation.runner import answer_digest, judged_text, sample_keys
 from safeprompt.files import atomic_write_text
-from safeprompt.postprocess import trim_unfinished_tail
+from safeprompt.judge import Judge
 
 METRIC_TEXT = {
     "greedy_refusal": "greedy refusal rate: share of queries whose one temperature-0 answer is a refusal",
@@ -37,8 +40,53 @@ METRIC_TEXT = {
 
 @dataclass(frozen=True)
 class Judges:
-    refusal: Any          # a safeprompt.judge.Judge
+    """Who decides. `refusal_of(key, judged text)` is the refusal verdict, None when the judge has
+    none for that answer yet (the query then counts as incomplete, like a missing answer)."""
+
+    refusal_name: str
+    refusal_of: Callable[[Key, str], bool | None]
     guard_name: str | None
+
+
+def string_judges(judge: Judge, guard_name: str | None) -> Judges:
+    """A `safeprompt.judge` judge: decides on the text alone, at report time."""
+    return Judges(judge.name, lambda key, text: judge.judge(text).refusal, guard_name)
+
+
+def model_judges(name: str, verdicts: ResultCache, guard_name: str | None) -> Judges:
+    """A refusal judge model's cached verdicts, looked up by the answer's key (its verdict depends on the
+    request too) and valid only for the text it judged. An unreadable verdict counts as no refusal
+    (`model_judge_summary` reports how many there were)."""
+
+    def refusal_of(key: Key, text: str) -> bool | None:
+        record = verdicts.get(key)
+        if record is None or record.get("answer_sha256") != answer_digest(text):
+            return None
+        return record["refusal"] is True
+
+    return Judges(name, refusal_of, guard_name)
+
+
+def model_judge_summary(items_keys: list[Key], answers: ResultCache, verdicts: ResultCache,
+                        other: Judge) -> dict[str, Any]:
+    """How many answers the judge model decided, how many it could not, and how often it agrees with
+    the string judge `other` on the same texts."""
+    judged = unknown = agree = 0
+    for key in items_keys:
+        record, verdict = answers.get(key), verdicts.get(key)
+        if record is None or verdict is None:
+            continue
+        text = judged_text(key[3], record["text"])
+        if verdict.get("answer_sha256") != answer_digest(text):
+            continue
+        judged += 1
+        if verdict["refusal"] is None:
+            unknown += 1
+        elif verdict["refusal"] == other.judge(text).refusal:
+            agree += 1
+    decided = judged - unknown
+    return {"judged": judged, "unknown": unknown, "compared_with": other.name, "agree": agree,
+            "agreement": metrics.proportion([True] * agree + [False] * (decided - agree)).as_dict()}
 
 
 def query_samples(query_set: QuerySet, index: int, variant: str, config: EvalConfig, answers: ResultCache,
@@ -50,17 +98,21 @@ def query_samples(query_set: QuerySet, index: int, variant: str, config: EvalCon
         record = answers.get((query_set.name, index, variant, sample))
         if record is None:
             return None
+        key = (query_set.name, index, variant, sample)
+        text = judged_text(sample, record["text"])
+        refusal = judges.refusal_of(key, text)
+        if refusal is None:
+            return None
         if sample == GREEDY:
-            greedy = judges.refusal.judge(record["text"]).refusal
+            greedy = refusal
             continue
-        text = trim_unfinished_tail(record["text"])
         unsafe = None
         if judges.guard_name and query_set.kind == "harmful":
             verdict = guard_cache.get((query_set.name, index, variant, sample)) if guard_cache else None
             if verdict is None:
                 return None
             unsafe = verdict["unsafe"]
-        samples.append(metrics.Sample(int(sample), text, judges.refusal.judge(text).refusal, unsafe))
+        samples.append(metrics.Sample(int(sample), text, refusal, unsafe))
     return greedy, samples
 
 
@@ -95,7 +147,7 @@ def summarise(sets: list[QuerySet], variants: tuple[str, ...], config: EvalConfi
                     else:
                         paper_flags.append(metrics.any_refusal(samples, keep=keep))
             found_metrics: dict[str, Any] = {}
-            refusal_judge = judges.refusal.name
+            refusal_judge = judges.refusal_name
 
             def add(name: str, estimate: metrics.Estimate, judge: str) -> None:
                 found_metrics[name] = estimate.as_dict() | {"judge": judge, "definition": METRIC_TEXT[name]}
@@ -154,7 +206,7 @@ def pooled_tradeoff(rows: list[dict[str, Any]], sets: list[QuerySet], variants: 
                         else metrics.bootstrap_mean(values, seed=derive_seed(config.seed, "pooled", kind, variant)))
             point[kind] = estimate.as_dict()
         points[variant] = point
-    return {"metric": "greedy_refusal" if use_greedy else "sample_refusal_mean", "judge": judges.refusal.name,
+    return {"metric": "greedy_refusal" if use_greedy else "sample_refusal_mean", "judge": judges.refusal_name,
             "points": points}
 
 
@@ -198,6 +250,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{_percent(found.get('paper_compliance_any'))} | "
                      + (f"{row['greedy_words_mean']:.0f}, {100 * row['greedy_finished_share']:.0f}% |"
                         if "greedy_words_mean" in row else "– |"))
+    summary = report.get("model_judge")
+    if summary:
+        agreement = summary["agreement"]
+        lines += ["", f"Refusal judge model: {summary['judged']} answers judged, {summary['unknown']} of them "
+                  "unreadable (counted as no refusal); on the rest it agrees with "
+                  f"`{summary['compared_with']}` on {summary['agree']} of {agreement['n']} "
+                  f"({_percent(agreement)} %)."]
     lines += ["", "Metrics:"] + [f"- `{name}`: {text}." for name, text in METRIC_TEXT.items()]
     lines += ["", "Intervals: Wilson 95% for greedy rates; percentile bootstrap (2000 resamples over queries) "
               "for mean and any-of-k rates.", "", f"Reproduce: `{report['command']}`", ""]
@@ -244,7 +303,7 @@ def write_report(run_dir: Path, report: dict[str, Any], *, chart: bool) -> dict[
     """results.<judge>.md, results.<judge>.json and (optionally) tradeoff.<judge>.png in the run
     directory, atomically. Named by the refusal judge, so re-judging a finished run with another
     judge (same command, other --judge: every answer comes from the cache) keeps both reports."""
-    judge = report["judges"]["refusal"]
+    judge = re.sub(r"[^A-Za-z0-9._-]", "_", report["judges"]["refusal"])  # a model judge: model:ask:org/name
     paths = {"markdown": run_dir / f"results.{judge}.md", "json": run_dir / f"results.{judge}.json"}
     atomic_write_text(paths["markdown"], render_markdown(report))
     atomic_write_text(paths["json"], json.dumps(report, indent=2, sort_keys=True) + "\n")

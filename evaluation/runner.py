@@ -1,4 +1,5 @@
-"""Planning and sending the run's requests: answers from the model, then optional harm verdicts.
+"""Planning and sending the run's requests: answers from the model, then optional harm verdicts and
+verdicts of a refusal judge model.
 
 Work is planned in a fixed order (set, query, variant, sample), everything already in the run
 directory's cache is skipped, and the rest is sent with a bounded number of requests in flight,
@@ -18,11 +19,13 @@ from tqdm import tqdm
 
 from safeprompt.files import sha256_text
 from safeprompt.judge import JUDGES
+from safeprompt.postprocess import trim_unfinished_tail
 
 from evaluation.cache import CacheError, Key, ResultCache
 from evaluation.client import ChatClient
 from evaluation.config import GREEDY, EvalConfig, sample_seed
 from evaluation.guard import HarmGuard
+from evaluation.model_judging import ModelRefusalJudge
 from evaluation.querysets import QuerySet
 from evaluation.targets import Target
 
@@ -174,4 +177,28 @@ def guard_worker(guard: HarmGuard, answers: ResultCache) -> Callable[[WorkItem],
     def work(item: WorkItem) -> dict[str, Any]:
         verdict = guard.classify(item.query, answers.get(item.key)["text"])
         return {"guard": guard.name, "unsafe": verdict.unsafe, "raw": verdict.raw}
+    return work
+
+
+def judged_text(sample: str, text: str) -> str:
+    """The text a refusal verdict is about: a greedy answer as it is, a sampled one with the paper's
+    post-processing (its unfinished last sentence cut)."""
+    return text if sample == GREEDY else trim_unfinished_tail(text)
+
+
+def answer_digest(text: str) -> str:
+    return sha256_text(text)[:16]
+
+
+def plan_model_judge(items: list[WorkItem], answers: ResultCache) -> list[WorkItem]:
+    """Every answer that exists gets a verdict of the refusal judge model."""
+    return [item for item in items if item.key in answers]
+
+
+def model_judge_worker(judge: ModelRefusalJudge, answers: ResultCache) -> Callable[[WorkItem], dict[str, Any]]:
+    def work(item: WorkItem) -> dict[str, Any]:
+        text = judged_text(item.sample, answers.get(item.key)["text"])
+        verdict = judge.classify(item.query, text)
+        return {"judge": judge.name, "refusal": verdict.refusal, "p_refusal": verdict.p_refusal,
+                "raw": verdict.raw, "answer_sha256": answer_digest(text)}
     return work

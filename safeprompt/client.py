@@ -1,7 +1,8 @@
 """The offline OpenAI-compatible chat client: the trainer's labels and the evaluation's answers.
 
-`ChatClient` sends `/v1/chat/completions` bodies (whole, or streamed and hung up on early) and
-reads `/v1/models` on a vLLM server or the gateway. It retries what is worth retrying
+`ChatClient` sends `/v1/chat/completions` bodies (whole, or streamed and hung up on early), any
+other JSON POST under /v1 (`post_json`: a judge model's `/v1/completions`), and reads `/v1/models`
+on a vLLM server or the gateway. It retries what is worth retrying
 (connection errors and 429/502/503/504 before any answer text arrived) with backoff, and turns
 every other failure into a `ChatRequestError` that quotes the server. Thread-safe (one
 `httpx.Client`); a test hands in an `httpx.MockTransport`.
@@ -157,6 +158,10 @@ class ChatClient:
             return [entry["id"] for entry in data["data"]]
         except (KeyError, TypeError):
             raise ChatRequestError(f"GET {self.base_url}/models: unexpected answer {str(data)[:200]}") from None
+
+    def post_json(self, path: str, body: dict) -> dict:
+        """POST `body` to `path` under /v1 (e.g. "/completions") with the same retries; the JSON answer."""
+        return self._request_json("POST", path, body)
 
     def complete(self, body: dict) -> Completion:
         """One whole (non-streamed) answer: the first choice."""

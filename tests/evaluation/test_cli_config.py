@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from evaluation.__main__ import build_parser, config_from_args, describe_validation_error, main
 from evaluation.config import EvalConfig, GuardSettings, derive_seed
+from safeprompt.judge.model_judge import ModelJudgeSettings
 from evaluation.runner import WorkItem, answer_params
 from safeprompt.sampling import PAPER_SAMPLING
 from trainer.config import LabelConfig
@@ -17,8 +18,9 @@ from trainer.config import LabelConfig
 FLAGS = ["--base-url", "--model", "--mode", "--variants", "--artifact", "--api-key-env", "--sets", "--custom-set",
          "--limit", "--data-dir", "--no-greedy", "--samples", "--keep", "--temperature", "--top-p", "--top-k",
          "--min-tokens", "--max-tokens-harmful", "--max-tokens-harmless", "--seed", "--full-greedy-answers",
-         "--judge", "--guard-url", "--guard-model", "--guard-api-key-env", "--run-dir", "--concurrency",
-         "--timeout-s", "--max-requests", "--no-chart"]
+         "--judge", "--guard-url", "--guard-model", "--guard-api-key-env", "--model-judge-url",
+         "--model-judge-model", "--model-judge-format", "--model-judge-threshold", "--model-judge-no-constrain",
+         "--model-judge-api-key-env", "--run-dir", "--concurrency", "--timeout-s", "--max-requests", "--no-chart"]
 
 
 def parse(*argv: str) -> EvalConfig:
@@ -56,7 +58,8 @@ def test_every_flag_reaches_its_field(monkeypatch: pytest.MonkeyPatch, tmp_path:
         "greedy": False, "samples": 4, "keep": 3, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_tokens": 2,
         "max_tokens_harmful": 30, "max_tokens_harmless": 20, "seed": 9, "judge": "paper",
         "guard": {"base_url": "http://g", "model": "lg", "max_tokens": 10}, "concurrency": 2, "timeout_s": 5.0,
-        "max_requests": 7, "data_dir": str(tmp_path), "chart": False, "stop_greedy_when_judged": False}
+        "max_requests": 7, "data_dir": str(tmp_path), "chart": False, "stop_greedy_when_judged": False,
+        "model_judge": None}
     assert config.api_key.get_secret_value() == "secret-a"
     assert config.guard == GuardSettings("http://g", "lg", "secret-b")
     assert "secret" not in repr(config)
@@ -102,3 +105,38 @@ def test_command_line_errors_before_the_config(monkeypatch: pytest.MonkeyPatch,
                           (["--mode", "direct", "--artifact", "a=x", "--artifact", "a=y"], "given twice")):
         assert main(["--base-url", "http://h:1", "--model", "m", "--run-dir", "/tmp/r", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_model_judge_flags_reach_their_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JUDGE_KEY", "secret-c")
+    config = parse("--model-judge-url", "http://j:9", "--model-judge-model", "allenai/wildguard",
+                   "--model-judge-format", "wildguard", "--model-judge-threshold", "0.7",
+                   "--model-judge-no-constrain", "--model-judge-api-key-env", "JUDGE_KEY")
+    assert config.model_judge == ModelJudgeSettings(base_url="http://j:9", model="allenai/wildguard",
+                                                    format="wildguard", threshold=0.7, constrain=False,
+                                                    api_key="secret-c")
+    assert config.stop_greedy_when_judged is False  # the judge model reads whole answers
+    assert config.public_dict()["model_judge"] == {
+        "base_url": "http://j:9", "model": "allenai/wildguard", "format": "wildguard", "threshold": 0.7,
+        "constrain": False, "max_chars": 4000, "timeout_s": 60.0}
+    assert "secret-c" not in repr(config)
+    defaults = parse("--model-judge-url", "http://j:9", "--model-judge-model", "judge").model_judge
+    assert defaults == ModelJudgeSettings(base_url="http://j:9", model="judge")
+    assert defaults.name == "model:ask:judge"
+
+
+def test_model_judge_needs_whole_greedy_answers() -> None:
+    with pytest.raises(ValidationError, match="reads whole answers"):
+        EvalConfig(base_url="http://h:1", model="m", run_dir=Path("/tmp/r"),
+                   model_judge=ModelJudgeSettings(base_url="http://j", model="judge"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model-judge-url", "http://j"], "--model-judge-url and --model-judge-model go together"),
+    (["--model-judge-threshold", "0.6"], "--model-judge-* options need --model-judge-url and --model-judge-model"),
+    (["--model-judge-url", "http://j", "--model-judge-model", "m", "--model-judge-threshold", "1.5"],
+     "--model-judge-threshold: Input should be less than 1"),
+])
+def test_model_judge_flag_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--base-url", "http://h:1", "--model", "m", "--run-dir", "/tmp/r", *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"dro-eval: error: {message}"

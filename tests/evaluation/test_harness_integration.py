@@ -220,3 +220,50 @@ def test_streamed_answer_stops_when_told_and_is_a_prefix_of_the_full_answer(vllm
     assert streamed_full.text == full.text and streamed_full.finish_reason == "length"
     assert stopped.finish_reason == "judged"
     assert full.text.startswith(stopped.text) and 3 <= len(stopped.text.split()) < len(full.text.split())
+
+
+def test_refusal_judge_model_gives_a_second_report(vllm_server, sets_dir: Path, tmp_path: Path) -> None:
+    """The tiny model stands in for a refusal judge model: forced to answer Yes or No (vLLM's structured
+    outputs), every verdict is readable; the second report's rates are exactly its cached verdicts."""
+    from evaluation.model_judging import verdict_file
+    from safeprompt.judge.model_judge import ModelJudgeSettings
+
+    judge = ModelJudgeSettings(base_url=vllm_server.base_url, model=vllm_server.served_name)
+    config = small_config(vllm_server.base_url, vllm_server.served_name, tmp_path / "m", sets_dir, mode="direct",
+                          variants=("none",), model_judge=judge, stop_greedy_when_judged=False)
+    result = evaluate(config, "c")
+    answers = 6 * 3  # queries x (greedy + 2 samples)
+    assert result.finished and result.sent_model_judge == answers
+    assert result.report["judges"]["refusal"] == judges.DEFAULT_JUDGE  # the dashboards' judge stays first
+    report = result.model_report
+    assert report is not None and report["judges"]["refusal"] == f"model:ask:{vllm_server.served_name}"
+    assert report["model_judge"]["judged"] == answers and report["model_judge"]["unknown"] == 0
+    assert result.model_paths["markdown"].name == f"results.model_ask_{vllm_server.served_name}.md"
+    assert "Refusal judge model: 18 answers judged, 0 of them unreadable" in result.model_paths["markdown"].read_text()
+
+    verdicts = ResultCache(tmp_path / "m" / verdict_file(judge))
+    for row in report["rows"]:
+        greedy = [verdicts.get((row["set"], index, "none", "greedy"))["refusal"] for index in range(3)]
+        assert row["metrics"]["greedy_refusal"]["value"] == pytest.approx(sum(greedy) / 3)
+        assert row["metrics"]["greedy_refusal"]["judge"] == judge.name
+
+    again = evaluate(config, "c")  # resumes: every verdict is cached
+    assert again.sent_model_judge == 0 and again.model_report["rows"] == report["rows"]
+    stricter = evaluate(config.model_copy(update={"model_judge": judge.model_copy(update={"threshold": 0.9})}), "c")
+    assert stricter.sent_model_judge == answers  # another threshold: verdicts of its own
+
+
+def test_wildguard_format_reads_the_completions_endpoint(vllm_server, sets_dir: Path, tmp_path: Path) -> None:
+    """WildGuard's raw prompt goes to /v1/completions; the tiny model's random words carry no
+    'Response refusal:' line, so every verdict is unreadable, counted as no refusal and reported."""
+    from safeprompt.judge.model_judge import ModelJudgeSettings
+
+    judge = ModelJudgeSettings(base_url=vllm_server.base_url, model=vllm_server.served_name, format="wildguard")
+    result = evaluate(small_config(vllm_server.base_url, vllm_server.served_name, tmp_path / "w", sets_dir,
+                                   mode="direct", variants=("none",), limit=1, model_judge=judge,
+                                   stop_greedy_when_judged=False), "c")
+    assert result.finished and result.sent_model_judge == 2 * 3
+    summary = result.model_report["model_judge"]
+    assert summary["judged"] == summary["unknown"] == 6 and summary["agreement"]["n"] == 0
+    for row in result.model_report["rows"]:
+        assert row["metrics"]["greedy_refusal"]["value"] == row["metrics"]["sample_refusal_mean"]["value"] == 0.0
