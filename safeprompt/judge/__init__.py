@@ -11,6 +11,10 @@ metrics.
 - `learned` (`LearnedJudge`, `safeprompt.judge.learned`): a logistic-regression model over the
   opening's words with the phrase rules as features, weights in `refusal_model.json`.
 
+Not in the registry: `safeprompt.judge.model_judge`, the request to and the verdict of a refusal judge
+*model* served behind an OpenAI-compatible API (it reads the request too and costs a model call, so it
+is used by evaluation and the gateway's sampled audit, never per answer on the hot path).
+
 Every judge reads only an opening *window* of the answer. `window_closed(text)` says when more text
 can no longer change the verdict, which lets `StreamVerdict` stop buffering a streamed answer and
 lets samplers stop generating early. For any text t and any extension t + s, `window_closed(t)`
