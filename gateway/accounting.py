@@ -4,8 +4,10 @@
 are resolved (in flight from then on), the answer's usage, time to first token and refusal verdicts
 (per choice: whole texts for plain answers, incrementally with `StreamVerdict` for streams), the
 error that ended it, and the time spent waiting on vLLM. `finish()` hands the record to the metrics
-and the request log exactly once, however the request ended. Knows nothing about HTTP or upstreams:
-it reads OpenAI-shaped answers and chunks as dicts.
+and the request log exactly once, however the request ended. With an audit judge configured, a
+request the `Auditor` samples when it is accepted also keeps its last user message and choice 0's
+text (up to the judge's `max_chars`), offered to the audit when it finishes; other requests keep
+nothing more. Knows nothing about HTTP or upstreams: it reads OpenAI-shaped answers and chunks as dicts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from gateway.audit import Auditor, TextPrefix, last_user_text
 from gateway.errors import GatewayError
 from gateway.prometheus import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest
@@ -26,7 +29,15 @@ from safeprompt.judge import Judge, StreamVerdict
 
 
 class Accounting:
-    def __init__(self, record: RequestRecord, *, judge: Judge, metrics: GatewayMetrics, log_prompts: bool) -> None:
+    def __init__(
+        self,
+        record: RequestRecord,
+        *,
+        judge: Judge,
+        metrics: GatewayMetrics,
+        log_prompts: bool,
+        auditor: Auditor | None = None,
+    ) -> None:
         self.record = record
         self._judge = judge
         self._metrics = metrics
@@ -35,6 +46,8 @@ class Accounting:
         self._streaming = False  # a 200 stream was sent: errors keep that status
         self._stream_verdicts: dict[int, StreamVerdict] = {}
         self._stream_texts: dict[int, list[str]] = {}  # kept only when prompt logging is on
+        self._auditor = auditor
+        self._audit_answer: TextPrefix | None = None  # choice 0's text, only for a request sampled for the audit
         self._finished = False
         self._on_finish: list[Callable[[RequestRecord], None]] = []
 
@@ -59,6 +72,11 @@ class Accounting:
             record.prompt_text = orjson.dumps(request.message_dicts()).decode()
         self._metrics.request_started(record.model, record.variant, record.route)
         record.in_flight = True
+        auditor = self._auditor
+        if auditor is not None and auditor.sampled():
+            request_text = last_user_text(request)[: auditor.max_chars]
+            answer = self._audit_answer = TextPrefix(auditor.max_chars)
+            self.on_finish(lambda record: auditor.offer(record, request_text, answer.text))
 
     def fail(self, error: GatewayError) -> None:
         """The request ended with `error` (its status too, unless a stream had already begun)."""
@@ -74,6 +92,8 @@ class Accounting:
         self._usage(payload.get("usage"))
         if self._log_prompts:
             self.record.answer_texts = texts
+        if self._audit_answer is not None and texts:
+            self._audit_answer.feed(texts[0])
         self.record.upstream_s = upstream_s
 
     def stream_started(self) -> None:
@@ -94,6 +114,8 @@ class Accounting:
                 self._stream_verdicts.setdefault(index, StreamVerdict(self._judge)).feed(text)
                 if self._log_prompts:
                     self._stream_texts.setdefault(index, []).append(text)
+                if self._audit_answer is not None and index == 0:
+                    self._audit_answer.feed(text)
         self._usage(chunk.get("usage"))
 
     def client_disconnected(self) -> None:

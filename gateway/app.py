@@ -3,7 +3,9 @@
 `build_app(settings)` builds the `Service` (loading and validating every artifact, refusing to build
 on a mismatch), keeps it on `app.state.service`, installs the error handlers and registers the
 routes, which get the service through the `get_service` dependency. The lifespan starts the
-upstream pool (its HTTP sessions, made in the running event loop, and health checks) and stops it.
+upstream pool (its HTTP sessions, made in the running event loop, and health checks) and the audit's
+workers when an audit judge is configured, and stops them (the audit first: it discards what is
+pending rather than wait for its judge).
 Nothing is created at import time.
 `create_app()` is the zero-argument factory uvicorn uses (settings from the environment and
 `GATEWAY_CONFIG`).
@@ -36,9 +38,14 @@ def build_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.pool.start()
+        auditor = service.auditor
         try:
+            if auditor is not None:
+                await auditor.start()
             yield
         finally:
+            if auditor is not None:
+                await auditor.stop()
             await service.pool.stop()
 
     app = FastAPI(title="DRO safety gateway", lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -7,7 +7,9 @@ upstreams or how verdicts are made (it counts the `Verdict`s the record carries)
 
 Labels are bounded on purpose: model and variant come from the gateway's configuration, route
 from its own routes, status is an HTTP code, `kind` is one of `telemetry.ERROR_KINDS`, `judge` a
-registered judge name. Never user ids, request ids or prompt text.
+registered judge name. The audit's metrics (`gateway.audit`) add `live` and `audit` (a verdict
+label: refusal, compliance, unknown), `reason` (one of `telemetry.AUDIT_FAILURE_REASONS`) and the
+audit judge's name (one per process). Never user ids, request ids or prompt text.
 
 Multi-process: when `PROMETHEUS_MULTIPROC_DIR` is set (before prometheus_client is first imported,
 which is when it chooses its value store), every worker writes its values to files there and
@@ -32,7 +34,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from gateway.telemetry import ERROR_KINDS, RequestRecord
+from gateway.telemetry import AUDIT_FAILURE_REASONS, ERROR_KINDS, RequestRecord
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +155,33 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # The sampled audit of live verdicts by a model judge (gateway.audit): a confusion matrix
+        # of the live judge's verdict against the audit judge's, on choice 0 of sampled answers.
+        self.audited_answers = Counter(
+            "dro_gateway_audited_answers",
+            "Sampled answers re-judged by the audit judge, by the live verdict and the audit judge's.",
+            ("model", "variant", "live", "audit"),
+            registry=r,
+        )
+        self.audit_failures = Counter(
+            "dro_gateway_audit_failures",
+            "Sampled answers the audit judge did not judge, by reason.",
+            ("reason",),
+            registry=r,
+        )
+        self.audit_pending = Gauge(
+            "dro_gateway_audit_pending",
+            "Sampled answers waiting for the audit judge (queued or being judged).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.audit_judge_info = Gauge(
+            "dro_gateway_audit_judge_info",
+            "The model judge auditing live verdicts (value 1).",
+            ("judge",),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -226,6 +255,25 @@ class GatewayMetrics:
                 "true" if manifest.forced else "false",
             )
         self.artifact_info.labels(*labels).set(1)
+
+    # --- the audit (gateway.audit) --------------------------------------------------------------
+
+    def audit_configured(self, judge: str) -> None:
+        """An audit judge named `judge` is configured: its info series, and every failure reason's
+        series at 0 (so a failure rate of 0 is a value on the dashboard, not a missing series)."""
+        self.audit_judge_info.labels(judge).set(1)
+        for reason in AUDIT_FAILURE_REASONS:
+            self.audit_failures.labels(reason)
+
+    def answer_audited(self, model: str, variant: str, *, live: bool, audit: str) -> None:
+        """One sampled answer judged by the audit judge; `audit` is refusal, compliance or unknown."""
+        self.audited_answers.labels(model, variant, "refusal" if live else "compliance", audit).inc()
+
+    def audit_failed(self, reason: str) -> None:
+        if reason not in AUDIT_FAILURE_REASONS:
+            logger.error("audit failure reason %r is unknown; counted as 'internal'", reason)
+            reason = "internal"
+        self.audit_failures.labels(reason).inc()
 
     # --- exposition ----------------------------------------------------------------------------
 

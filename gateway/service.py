@@ -1,10 +1,11 @@
 """The gateway's service object: everything a route needs, built once by the app factory.
 
 `Service` holds the settings, the served models with their variants, the client API keys, the
-refusal judge, the Prometheus metrics, the upstream pool and admission control (rates, concurrency).
-`build_service(settings)` loads and validates every artifact (raising `ArtifactError` on a
-mismatch) and registers the variants with the metrics; the pool's HTTP session is made later, in the
-app's lifespan (`UpstreamPool.start`). Routes get the service through the FastAPI dependency
+refusal judge, the Prometheus metrics, the upstream pool, admission control (rates, concurrency)
+and, when an audit judge is configured, the `Auditor`. `build_service(settings)` loads and validates
+every artifact (raising `ArtifactError` on a mismatch) and registers the variants with the metrics;
+the HTTP sessions of the pool and the auditor are made later, in the app's lifespan
+(`UpstreamPool.start`, `Auditor.start`). Routes get the service through the FastAPI dependency
 `get_service`. Nothing here is created at import time.
 """
 
@@ -17,6 +18,7 @@ from fastapi import Request
 
 from gateway.accounting import Accounting
 from gateway.admission import Admission
+from gateway.audit import Auditor
 from gateway.auth import KeyRing
 from gateway.prometheus import GatewayMetrics
 from gateway.settings import Settings
@@ -35,12 +37,19 @@ class Service:
     metrics: GatewayMetrics
     pool: UpstreamPool
     admission: Admission
+    auditor: Auditor | None = None  # the sampled audit of live verdicts (settings.audit_judge)
     created: int = field(default_factory=lambda: int(time.time()))  # the models' `created` field
 
     def accounting(self, request_id: str, route: str) -> Accounting:
         """A new request's accounting, reporting to this service's metrics and request log."""
         record = RequestRecord(request_id=request_id, route=route, judge=self.judge.name)
-        return Accounting(record, judge=self.judge, metrics=self.metrics, log_prompts=self.settings.log_prompts)
+        return Accounting(
+            record,
+            judge=self.judge,
+            metrics=self.metrics,
+            log_prompts=self.settings.log_prompts,
+            auditor=self.auditor,
+        )
 
 
 def load_models(settings: Settings) -> dict[str, ServedModel]:
@@ -86,6 +95,10 @@ def build_service(settings: Settings) -> Service:
             tokens_per_minute=key.tokens_per_minute,
             max_concurrent=key.max_concurrent_requests,
         )
+    auditor = None
+    if settings.audit_judge is not None:
+        auditor = Auditor(settings.audit_judge, metrics)
+        metrics.audit_configured(settings.audit_judge.judge.name)
     return Service(
         settings=settings,
         models=models,
@@ -94,6 +107,7 @@ def build_service(settings: Settings) -> Service:
         metrics=metrics,
         pool=pool,
         admission=admission,
+        auditor=auditor,
     )
 
 

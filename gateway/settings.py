@@ -22,6 +22,7 @@ from pydantic_settings import (
 
 from gateway.protocol import FORBIDDEN_FIELDS, ChatCompletionRequest
 from safeprompt.judge import DEFAULT_JUDGE
+from safeprompt.judge.model_judge import ModelJudgeSettings
 from safeprompt.prompts import HUMAN_PROMPTS, VARIANT_SEPARATOR
 
 RESERVED_VARIANTS = ("none", *HUMAN_PROMPTS)
@@ -129,6 +130,27 @@ class ApiKeyConfig(BaseModel):
         return self
 
 
+class AuditSettings(BaseModel):
+    """The sampled audit of live refusal verdicts by a model judge (gateway.audit), off the hot path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    judge: ModelJudgeSettings = Field(description="the model judge: an OpenAI-compatible server and how to ask it")
+    # Share of finished answers (status 200, no error) re-judged, drawn when the request is accepted.
+    sample_rate: float = Field(default=0.05, gt=0.0, le=1.0)
+    # Answers waiting for the audit (queued or being judged); beyond it new samples are dropped
+    # and counted (reason `queue_full`): a slow judge never makes the gateway hold more.
+    max_pending: int = Field(default=256, ge=1)
+    concurrency: int = Field(default=4, ge=1, description="calls in flight to the judge at once")
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_url(cls, value: ModelJudgeSettings) -> ModelJudgeSettings:
+        if not value.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"audit judge base_url {value.base_url!r} must start with http:// or https://")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GATEWAY_",
@@ -177,6 +199,9 @@ class Settings(BaseSettings):
     # replace: the client's system message is dropped; reject: 400.
     system_message_policy: Literal["prepend", "replace", "reject"] = "prepend"
     judge: str = DEFAULT_JUDGE
+    # A model judge re-judging a random sample of answers in the background (docs/metrics.md,
+    # "Auditing live verdicts with a model judge"); None: no audit, nothing extra kept per request.
+    audit_judge: AuditSettings | None = None
     log_prompts: bool = False
     max_request_bytes: int = 4 * 1024 * 1024
     # Cheap requests must not cost much: messages per request, nesting depth of the JSON body (orjson

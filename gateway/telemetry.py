@@ -32,6 +32,17 @@ ERROR_KINDS = (
     "internal",  # a bug in the gateway (500, logged with traceback server-side only)
 )
 
+# Bounded label values for the audit's failures (gateway.audit): why a sampled answer was not judged.
+AUDIT_FAILURE_REASONS = (
+    "queue_full",  # max_pending answers were already waiting: the sample was dropped
+    "shutdown",  # the gateway stopped before the sample was judged
+    "connect",  # the judge could not be reached, or dropped the connection
+    "timeout",  # no whole answer within the judge's timeout_s
+    "status",  # the judge answered an HTTP status other than 200
+    "bad_answer",  # not JSON, not an OpenAI-shaped completion, or too large
+    "internal",  # a bug in the gateway's audit (logged with its traceback)
+)
+
 
 @dataclass
 class RequestRecord:

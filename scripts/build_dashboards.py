@@ -26,6 +26,20 @@ JUDGED = f'dro_gateway_answers_judged_total{{{SEL}, judge=~"$judge"}}'
 REFUSED = f'dro_gateway_refusals_total{{{SEL}, judge=~"$judge"}}'
 REQUESTS = f"dro_gateway_requests_total{{{SEL}}}"
 ERRORS = f"dro_gateway_request_errors_total{{{SEL}}}"
+# The sampled audit of live verdicts by a model judge (gateway/audit.py): a confusion matrix.
+AUDITED = f"dro_gateway_audited_answers_total{{{SEL}}}"
+
+
+def audited(**labels: str) -> str:
+    return f"dro_gateway_audited_answers_total{{{SEL}, " + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+def audit_agreement(window: str) -> str:
+    """Share of audited answers where the live verdict equals the audit judge's (unknown never does)."""
+    agreed = (f"sum by (model, variant) (increase({audited(live='refusal', audit='refusal')}[{window}]) "
+              f"or increase({audited(live='compliance', audit='compliance')}[{window}]))")
+    total = f"sum by (model, variant) (increase({AUDITED}[{window}]))"
+    return f"({agreed} or {total} * 0) / {total}"
 
 
 def ratio(numerator: str, denominator: str, by: str, window: str) -> str:
@@ -57,6 +71,26 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str, int]] = [
      [(f"sum by (model, variant) (increase({JUDGED}[$__range]))", "judged"),
       (f"sum by (model, variant) (increase({REFUSED}[$__range]))", "refusals")],
      "Counts behind the split comparison, so a difference can be read with its sample size.", 6),
+    ("Live judge agreement with the audit judge", "bargauge", "percentunit",
+     [(audit_agreement("$__range"), "{{model}}/{{variant}}")],
+     "Share of the audited sample where the live judge's verdict equals the audit model judge's, over the "
+     "selected range (an answer the audit judge could not read counts as a disagreement). Empty without "
+     "audit_judge in the gateway settings.", 6),
+    ("Audited sample: live vs audit judge refusal rate", "bargauge", "percentunit",
+     [(ratio(audited(live="refusal"), AUDITED, "model, variant", "$__range"), "live {{model}}/{{variant}}"),
+      (ratio(audited(audit="refusal"), AUDITED, "model, variant", "$__range"), "audit {{model}}/{{variant}}")],
+     "Refusal rate on the same audited answers, by the live judge and by the audit model judge, over the "
+     "selected range: how far the live refusal rate is off, and in which direction.", 6),
+    ("Audited sample: live verdict against the audit judge's", "table", "short",
+     [(f"sum by (model, variant, live, audit) (increase({AUDITED}[$__range]))", "{{live}} / {{audit}}")],
+     "The confusion matrix behind the agreement: audited answers over the selected range, one row per "
+     "model, variant, live verdict and audit verdict (refusal, compliance, unknown).", 6),
+    ("Audit judge: judged, failed and pending", "timeseries", "short",
+     [(f"sum by (model, variant) (rate({AUDITED}[$__rate_interval]))", "judged/s {{model}}/{{variant}}"),
+      ("sum by (reason) (rate(dro_gateway_audit_failures_total[$__rate_interval]))", "failed/s {{reason}}"),
+      ("sum(dro_gateway_audit_pending)", "pending")],
+     "Sampled answers judged and not judged per second (queue_full, shutdown, connect, timeout, status, "
+     "bad_answer, internal), and how many wait. The audit never delays or fails a client's request.", 6),
     ("Traffic share by variant", "timeseries", "percentunit",
      [(f"sum by (model, variant) (rate({REQUESTS}[$__rate_interval])) / ignoring(variant) group_left "
        f"sum by (model) (rate({REQUESTS}[$__rate_interval]))", "{{model}}/{{variant}}")],
@@ -146,8 +180,8 @@ def build_dashboard() -> dict:
         x += width
     return {
         "uid": "dro-gateway", "title": "DRO safety gateway", "tags": ["dro", "gateway", "vllm"],
-        "description": "Refusal rate per model and safety-prompt variant, the traffic split, latency, "
-                       "tokens and vLLM's queue. Metrics: docs/metrics.md.",
+        "description": "Refusal rate per model and safety-prompt variant, the traffic split, the audit of "
+                       "live verdicts by a model judge, latency, tokens and vLLM's queue. Metrics: docs/metrics.md.",
         "schemaVersion": 39, "version": 1, "editable": False, "refresh": "10s",
         "time": {"from": "now-1h", "to": "now"}, "timezone": "browser",
         "templating": {"list": [

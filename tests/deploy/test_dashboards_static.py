@@ -99,10 +99,12 @@ def test_required_panels_are_present() -> None:
         "dro_gateway_overhead_seconds_bucket", "dro_gateway_completion_tokens_total",
         "dro_gateway_prompt_tokens_total", "dro_gateway_requests_in_flight", "dro_gateway_artifact_info",
         "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+        "dro_gateway_audited_answers_total", "dro_gateway_audit_failures_total", "dro_gateway_audit_pending",
     ):
         assert metric in exprs, metric
     titles = [panel["title"] for _, panel, _ in all_targets()]
     assert any("Split comparison" in title for title in titles)
+    assert "Live judge agreement with the audit judge" in titles
 
 
 def test_metric_names_exist_in_gateway_metrics() -> None:

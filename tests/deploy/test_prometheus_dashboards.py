@@ -7,8 +7,10 @@ official `openai` client: both variants by explicit id and by a 50/50 split, str
 n=2, an unknown model (404) and a request vLLM rejects (upstream 4xx). The tiny model's text is random, so refusals are
 made deterministic with `logit_bias` (one token forced and repeated: "Sorry" is a refusal for the
 paper's matcher, " Unfortunately" for the phrase judge, " Sure" for neither), and every answer the
-client received is judged client-side with the gateway's judge. Then:
+client received is judged client-side with the gateway's judge. The same vLLM is also the gateway's
+audit judge (every answer sampled), so the audit panels have data. Then:
 - Prometheus' refusal counter equals the refusals in the answers the client received, per variant;
+- every request answered with 200 was audited once, and no audit failed;
 - every PromQL expression of every dashboard panel, with Grafana's variables substituted, is
   accepted by Prometheus and returns at least one finite value.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from gateway.telemetry import AUDIT_FAILURE_REASONS
 from safeprompt.judge import DEFAULT_JUDGE, get_judge
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -131,7 +134,8 @@ def test_dashboards_against_real_prometheus(gateway_factory, vllm_server, promet
              "split": {"default": 0.5, "dro": 0.5},
              # The forced answers need logit_bias, which the gateway refuses unless a model allows it.
              "allowed_extra_fields": ["logit_bias"]}
-    gateway = gateway_factory(models=[model], judge=judge_name)
+    audit = {"judge": {"base_url": vllm_server.base_url, "model": vllm_server.served_name}, "sample_rate": 1.0}
+    gateway = gateway_factory(models=[model], judge=judge_name, audit_judge=audit)
     prometheus = prometheus_factory(gateway=f"127.0.0.1:{gateway.port}", vllm=f"127.0.0.1:{vllm_server.port}")
     prometheus.wait_until(lambda: prometheus.targets_up() == {"gateway": True, "vllm": True}, 60,
                           "both targets up")
@@ -173,11 +177,16 @@ def test_dashboards_against_real_prometheus(gateway_factory, vllm_server, promet
             "refusals": by("variant", f"sum by (variant) (dro_gateway_refusals_total{selector})"),
             "judged": by("variant", f"sum by (variant) (dro_gateway_answers_judged_total{selector})"),
             "errors": by("kind", "sum by (kind) (dro_gateway_request_errors_total)"),
+            "audited": by("model", "sum by (model) (dro_gateway_audited_answers_total)"),
+            "audit_failures": by("reason", "sum by (reason) (dro_gateway_audit_failures_total)"),
         }
 
     expected = {"refusals": {variant: float(refusals[variant]) for variant in answers},
                 "judged": {variant: float(count) for variant, count in answers.items()},
-                "errors": {"model_not_found": 1.0, "upstream_4xx": 1.0}}
+                "errors": {"model_not_found": 1.0, "upstream_4xx": 1.0},
+                # Choice 0 of every request answered with 200 (not the 404 nor the 400).
+                "audited": {"tiny": float(3 * 4 + 1 + 6)},
+                "audit_failures": {reason: 0.0 for reason in AUDIT_FAILURE_REASONS}}
     deadline = time.monotonic() + 30
     seen = scraped()
     while seen != expected and time.monotonic() < deadline:
