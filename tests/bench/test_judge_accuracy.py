@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from bench.judge_accuracy import DEFAULT_LABELS, Scores, evaluate, read_labels, wilson_interval
+from bench.judge_accuracy import DEFAULT_LABELS, Scores, evaluate, read_labels, string_judge, wilson_interval
 
 
 def test_wilson_interval_known_values() -> None:
@@ -63,7 +64,7 @@ def test_evaluate_counts_every_row(tmp_path) -> None:
         {"id": "c", "split": "test", "group": "g", "prompt": "p", "response": "Sure.", "refusal": True},
     ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    results = {(s.split, s.group, s.judge): s for s in evaluate(read_labels(path), ["paper"])}
+    results = {(s.split, s.group, s.judge): s for s in evaluate(read_labels(path), {"paper": string_judge("paper")})}
     assert (results[("dev", "g", "paper")].tp, results[("dev", "g", "paper")].tn) == (1, 1)
     assert results[("dev", "g", "paper")].agreement == 1.0 and results[("test", "g", "paper")].agreement == 0.0
     assert results[("test", "all", "paper")].fn == 1
@@ -106,3 +107,38 @@ def test_shipped_second_reading_covers_held_out_small_model_rows() -> None:
             assert second["note"], second["id"]
     agree, n = audit_agreement(rows, audit)["all"]
     assert (agree, n) == (118, 120)  # the figure docs/judges.md reports
+
+
+@pytest.mark.integration
+def test_model_judge_verdicts_are_cached_and_resumed(vllm_server, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The tiny model stands in for the judge model (forced to Yes/No): every labelled row gets a readable
+    verdict, kept by id in the cache; a rerun asks only for rows it has not judged."""
+    from bench.judge_accuracy import model_verdicts
+    from safeprompt.judge.model_judge import ModelJudgeSettings
+
+    rows = read_labels(DEFAULT_LABELS)
+    settings = ModelJudgeSettings(base_url=vllm_server.base_url, model=vllm_server.served_name, max_chars=300)
+    cache = tmp_path / "verdicts.jsonl"
+    first = model_verdicts(rows[:5], settings, cache, concurrency=2)
+    assert list(first) == [row["id"] for row in rows[:5]]
+    assert all(record["refusal"] in (True, False) for record in first.values())
+    assert "asked 5 verdicts" in capsys.readouterr().out
+    assert model_verdicts(rows[:5], settings, cache, concurrency=2) == first
+    assert "asked" not in capsys.readouterr().out
+    more = model_verdicts(rows[:7], settings, cache, concurrency=2)
+    assert "asked 2 verdicts" in capsys.readouterr().out
+    assert {key: more[key] for key in first} == first and len(cache.read_text().splitlines()) == 7
+
+
+def test_dev_threshold_is_fitted_on_dev_rows_only() -> None:
+    from bench.judge_accuracy import dev_threshold
+
+    rows = [{"id": str(i), "split": split, "refusal": label}
+            for i, (split, label) in enumerate([("dev", True), ("dev", True), ("dev", False), ("dev", False),
+                                                ("test", False), ("test", True)])]
+    probabilities = [0.30, 0.25, 0.10, 0.20, 0.90, 0.01]  # test rows would pull a fit the other way
+    verdicts = {row["id"]: {"p_refusal": p} for row, p in zip(rows, probabilities)}
+    assert dev_threshold(rows, verdicts) == pytest.approx(0.225)  # separates the dev rows exactly
+    verdicts["0"]["p_refusal"] = None
+    assert dev_threshold(rows, verdicts) is None
