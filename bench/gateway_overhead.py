@@ -12,7 +12,9 @@ every target in alternating blocks, so slow drifts of a shared machine fall on a
 - `direct`: the upstream itself, the zero-overhead line;
 - `gateway:text`: the gateway's `default` variant (a human system prompt is added);
 - `gateway:softN`: a soft prompt of hidden size N (`prompt_embeds` sent to the upstream);
-- `litellm`: LiteLLM's proxy, text only (it has no soft prompts).
+- `litellm`: LiteLLM's proxy, text only (it has no soft prompts);
+- with `--floor`, in the relay run only: `floor:raw` and `floor:starlette`, the cheapest relay built
+  from the gateway's parts (`bench/relay_floor.py`: uvicorn, aiohttp, no parsing, judge or metrics).
 
 Reported per target, mode (streaming or not) and concurrency: latency p50/p95/p99 over all blocks,
 the added latency against `direct` at the same percentile, requests per second, and the CPU-seconds
@@ -188,6 +190,17 @@ def relay_run(target: Target, *, relay_tokens: int, concurrency: int, requests: 
     return summary
 
 
+def start_floor(upstream_port: int, port: int, mode: str, log: Path) -> ManagedProcess:
+    env = {**os.environ, "FLOOR_UPSTREAM": f"http://127.0.0.1:{upstream_port}", "FLOOR_MODE": mode,
+           "PYTHONPATH": str(REPO)}
+    proc = ManagedProcess(name=f"floor-{mode}", command=[sys.executable, "-m", "uvicorn", "bench.relay_floor:app",
+                                                          "--host", "127.0.0.1", "--port", str(port),
+                                                          "--no-access-log", "--log-level", "warning"],
+                          log_path=log, env=env).start()
+    proc.wait_http_ok(f"http://127.0.0.1:{port}/health", 30, port=port)
+    return proc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,8,32,64")
@@ -206,6 +219,8 @@ def main() -> None:
     parser.add_argument("--relay-tokens", type=int, default=1000, help="0 skips the relay run")
     parser.add_argument("--upstream-pace-ms", type=float, default=0.0,
                         help="the upstream writes stream events one at a time, this many ms apart (as vLLM does)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also relay through bench/relay_floor.py (raw ASGI and Starlette) in the relay run")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -250,7 +265,15 @@ def main() -> None:
                         requests_for=lambda c: max(args.min_requests, args.requests_per_slot * c))
         relay = []
         if args.relay_tokens:
-            for target in targets[1:3]:
+            relay_targets = targets[1:3]
+            if args.floor:
+                for mode in ("raw", "starlette"):
+                    port = free_port()
+                    floor = start_floor(upstream_port, port, mode, work / f"floor-{mode}.log")
+                    processes.append(floor)
+                    relay_targets.append(Target(f"floor:{mode}", f"http://127.0.0.1:{port}/v1/chat/completions",
+                                                "instant", floor))
+            for target in relay_targets:
                 relay.append(relay_run(target, relay_tokens=args.relay_tokens, concurrency=8, requests=64))
         report = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
