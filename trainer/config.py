@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from safeprompt.judge.model_judge import ModelJudgeSettings
 from safeprompt.prompts import PROMPT_CONDITIONS
 from safeprompt.sampling import (
     PAPER_NUM_KEEP,
@@ -56,6 +57,9 @@ class LabelConfig(_Strict):
     # The project's default judge (safeprompt.judge.DEFAULT_JUDGE); the paper used its string matcher
     # (`paper`) plus LlamaGuard: a recorded deviation (docs/trainer.md).
     judge: str = "phrases"
+    # A refusal judge model behind an OpenAI-compatible API that replaces `judge` for the labels
+    # (trainer.label, docs/judges.md); it reads the query too, and whole samples.
+    model_judge: ModelJudgeSettings | None = None
     num_samples: int = Field(default=PAPER_NUM_SAMPLES, gt=0)
     num_keep: int = Field(default=PAPER_NUM_KEEP, gt=0, description="keep the N longest samples (whitespace words)")
     # The paper's sampling (safeprompt.sampling, shared with dro-eval), under Hugging Face's names.
@@ -78,6 +82,8 @@ class LabelConfig(_Strict):
             raise ValueError(f"num_keep ({self.num_keep}) > num_samples ({self.num_samples})")
         if not self.conditions or len(set(self.conditions)) != len(self.conditions):
             raise ValueError("conditions must be non-empty and distinct")
+        if self.model_judge is not None and self.stop_when_judged:
+            raise ValueError("a refusal judge model reads whole samples: model_judge needs stop_when_judged false")
         return self
 
     @property

@@ -15,6 +15,12 @@ sample; an error event or a stream cut short raises instead of labelling a trunc
 sample stops as soon as the judge's window is closed (`Judge.window_closed`): the verdict is final,
 the tail is not generated.
 
+With `LabelConfig.model_judge` the verdicts come from a refusal judge *model* behind an
+OpenAI-compatible API instead of the string judge (`ModelVerdicts`; docs/judges.md): it reads the
+query and each cleaned sample, right after the sample is drawn (in the vLLM sampler's worker threads,
+so judging overlaps sampling). A verdict it cannot read counts as complied and is counted per record
+(`unknown`). Samples then always run to the end (the model reads whole answers).
+
 Knows nothing about hidden states or files (the pipeline persists and resumes records).
 """
 
@@ -27,8 +33,9 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from safeprompt.client import ChatClient
+from safeprompt.client import ChatClient, ChatRequestError
 from safeprompt.judge import Judge
+from safeprompt.judge.model_judge import ModelJudgeSettings, judge_request, read_verdict
 from safeprompt.postprocess import trim_unfinished_tail
 from trainer.chat import render_ids
 from trainer.config import LabelConfig
@@ -48,21 +55,49 @@ class LabelRecord:
     # Tokens each sample generated, as the sampler counted them (None where it could not: a vLLM stream
     # the judge hung up on ends before vLLM reports usage).
     tokens: list[int | None]
+    # Verdicts a refusal judge model could not read (counted as complied); 0 with a string judge.
+    unknown: int = 0
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
 
 
 def score_samples(condition: str, query_index: int, samples: list[str], judge: Judge, num_keep: int,
-                  tokens: list[int | None] | None = None) -> LabelRecord:
-    """Judge cleaned samples, keep the `num_keep` longest, label = fraction of kept that complied."""
+                  tokens: list[int | None] | None = None,
+                  verdicts: list[bool | None] | None = None) -> LabelRecord:
+    """Judge cleaned samples, keep the `num_keep` longest, label = fraction of kept that complied.
+
+    `verdicts`, when given, are a judge model's on the cleaned samples (None: unreadable, counted as
+    complied) and replace `judge`'s."""
     cleaned = [trim_unfinished_tail(s) for s in samples]
-    refusals = [judge.judge(s).refusal for s in cleaned]
+    if verdicts is None:
+        refusals = [judge.judge(s).refusal for s in cleaned]
+        unknown = 0
+    else:
+        refusals = [verdict is True for verdict in verdicts]
+        unknown = sum(verdict is None for verdict in verdicts)
     order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i].split()), reverse=True)
     kept = sorted(order[:num_keep])
     soft = sum(not refusals[i] for i in kept) / len(kept)
     return LabelRecord(condition, query_index, cleaned, refusals, kept, soft,
-                       list(tokens) if tokens is not None else [None] * len(samples))
+                       list(tokens) if tokens is not None else [None] * len(samples), unknown)
+
+
+class ModelVerdicts:
+    """A refusal judge model's verdicts on label samples (`LabelConfig.model_judge`); thread-safe."""
+
+    def __init__(self, settings: ModelJudgeSettings, client: ChatClient) -> None:
+        self.settings = settings
+        self._client = client
+
+    def refusal(self, query: str, sample: str) -> bool | None:
+        """The verdict on a *cleaned* sample (`trim_unfinished_tail`), None when unreadable."""
+        path, body = judge_request(self.settings, query, sample)
+        reply = self._client.post_json(path, body)
+        try:
+            return read_verdict(self.settings, reply).refusal
+        except ValueError as exc:
+            raise ChatRequestError(f"{self.settings.name}: {exc}") from None
 
 
 def sample_seed(config: LabelConfig, query_index: int, sample_index: int) -> int:
@@ -79,9 +114,10 @@ def chat_messages(condition: str, query: str) -> list[dict[str, str]]:
 # --- vLLM sampler ---------------------------------------------------------------------------------
 
 def sample_vllm(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done,
-                *, transport: httpx.BaseTransport | None = None) -> None:
+                *, transport: httpx.BaseTransport | None = None, model_verdicts: ModelVerdicts | None = None) -> None:
     """Label `jobs` (condition, query_index, query, harmless) on a vLLM server; `on_done(record)` each,
-    in job order, on the calling thread. `transport` replaces the network (tests)."""
+    in job order, on the calling thread. `transport` replaces the network (tests); `model_verdicts`
+    judges each sample as soon as it is drawn."""
     if not config.vllm_url or not config.served_model_name:
         raise ValueError("the vllm label backend needs label.vllm_url and label.served_model_name")
     sampling = config.sampling
@@ -93,20 +129,24 @@ def sample_vllm(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], jud
 
     with ChatClient(config.vllm_url, timeout_s=config.request_timeout_s, max_connections=config.concurrency,
                     transport=transport) as client:
-        def one_sample(condition: str, query_index: int, query: str, harmless: bool, k: int) -> tuple[str, int | None]:
+        def one_sample(condition: str, query_index: int, query: str, harmless: bool,
+                       k: int) -> tuple[str, int | None, bool | None]:
             body = {"model": config.served_model_name, "messages": chat_messages(condition, query),
                     **sampling.request_fields(harmless=harmless, seed=sample_seed(config, query_index, k)),
                     "stream_options": {"include_usage": True}}
             completion = client.stream_until(body, done)
-            return completion.text, completion.completion_tokens
+            verdict = (None if model_verdicts is None or abandoned.is_set()
+                       else model_verdicts.refusal(query, trim_unfinished_tail(completion.text)))
+            return completion.text, completion.completion_tokens, verdict
 
         pool = ThreadPoolExecutor(max_workers=config.concurrency)
         try:
             pending = [(job, [pool.submit(one_sample, *job, k) for k in range(config.num_samples)]) for job in jobs]
             for (condition, query_index, _, _), futures in pending:
                 answers = [future.result() for future in futures]
-                on_done(score_samples(condition, query_index, [text for text, _ in answers], judge, config.num_keep,
-                                      [count for _, count in answers]))
+                on_done(score_samples(condition, query_index, [text for text, _, _ in answers], judge, config.num_keep,
+                                      [count for _, count, _ in answers],
+                                      None if model_verdicts is None else [verdict for _, _, verdict in answers]))
         except BaseException:
             abandoned.set()
             raise
@@ -127,8 +167,10 @@ class _JudgeWindowStop:
         return torch.tensor([self.judge.window_closed(t) for t in texts], dtype=torch.bool)
 
 
-def sample_hf(config: LabelConfig, frozen, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done) -> None:
-    """Label `jobs` with HF `generate`: all samples of one query in one batched call, as the paper."""
+def sample_hf(config: LabelConfig, frozen, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done,
+              *, model_verdicts: ModelVerdicts | None = None) -> None:
+    """Label `jobs` with HF `generate`: all samples of one query in one batched call, as the paper;
+    `model_verdicts` judges a query's samples after its call (`concurrency` judge requests at once)."""
     from transformers import StoppingCriteriaList, set_seed
 
     tokenizer, model, sampling = frozen.tokenizer, frozen.model, config.sampling
@@ -149,4 +191,9 @@ def sample_hf(config: LabelConfig, frozen, jobs: list[tuple[str, int, str, bool]
         samples = tokenizer.batch_decode(generated, skip_special_tokens=True)
         # Finished rows are padded; with pad = eos (most chat models) the eos itself is not counted.
         tokens = (generated != frozen.pad_id).sum(dim=1).tolist()
-        on_done(score_samples(condition, query_index, samples, judge, config.num_keep, tokens))
+        verdicts = None
+        if model_verdicts is not None:
+            with ThreadPoolExecutor(max_workers=config.concurrency) as pool:
+                verdicts = list(pool.map(lambda sample: model_verdicts.refusal(query, trim_unfinished_tail(sample)),
+                                         samples))
+        on_done(score_samples(condition, query_index, samples, judge, config.num_keep, tokens, verdicts))

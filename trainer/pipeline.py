@@ -20,6 +20,7 @@ Knows the file layout and stage order; the maths lives in the stage modules.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from safeprompt.files import sha256_file
 from safeprompt.judge import get_judge, judge_revision
+from safeprompt.judge import model_judge as model_judge_module
 from trainer import store
 from trainer.balance import check_balance, measure_balance
 from trainer.config import RunConfig
@@ -55,9 +57,13 @@ def stage_keys(config: RunConfig) -> dict[str, dict]:
     """What each stage's outputs depend on (upstream keys included)."""
     data = {"data": config.data.model_dump(mode="json"), "model": model_key(config)}
     label = {**data, "label": config.label.model_dump(mode="json", exclude={"vllm_url", "concurrency",
-                                                                           "request_timeout_s"}),
+                                                                           "request_timeout_s", "model_judge"}),
              # The judge's rules, not only its name: a newer revision labels again.
              "judge_revision": judge_revision(config.label.judge)}
+    if config.label.model_judge is not None:  # its model and settings, its prompt and reading, likewise
+        label["model_judge"] = config.label.model_judge.model_dump(mode="json",
+                                                                   exclude={"base_url", "api_key", "timeout_s"})
+        label["model_judge_revision"] = sha256_file(Path(model_judge_module.__file__))[:16]
     extract = {**data, "extract": config.extract.model_dump(mode="json"), "conditions": list(config.label.conditions)}
     fit = {"label": label, "extract": extract, "fit": config.fit.model_dump(mode="json")}
     optimize = {"fit": fit, "optimize": config.optimize.model_dump(mode="json")}
@@ -105,7 +111,8 @@ def stage(name: str, output: Callable[[RunConfig], Path]):
 
 @stage("label", lambda config: config.run_dir / "labels.json")
 def run_label(config: RunConfig, show_progress: bool = True) -> Path:
-    from trainer.label import LabelRecord, sample_hf, sample_vllm
+    from safeprompt.client import ChatClient
+    from trainer.label import LabelRecord, ModelVerdicts, sample_hf, sample_vllm
 
     run_dir, key = config.run_dir, stage_keys(config)["label"]
     out = run_dir / "labels.json"
@@ -138,10 +145,19 @@ def run_label(config: RunConfig, show_progress: bool = True) -> Path:
             sink.flush()
             bar.update(1)
 
-        if config.label.backend == "vllm":
-            sample_vllm(config.label, jobs, judge, on_done)
-        else:
-            sample_hf(config.label, _load_frozen(config), jobs, judge, on_done)
+        with contextlib.ExitStack() as stack:
+            verdicts = None
+            judge_model = config.label.model_judge
+            if judge_model is not None:
+                client = stack.enter_context(ChatClient(judge_model.base_url,
+                                                        api_key=judge_model.api_key.get_secret_value(),
+                                                        timeout_s=judge_model.timeout_s,
+                                                        max_connections=config.label.concurrency))
+                verdicts = ModelVerdicts(judge_model, client)
+            if config.label.backend == "vllm":
+                sample_vllm(config.label, jobs, judge, on_done, model_verdicts=verdicts)
+            else:
+                sample_hf(config.label, _load_frozen(config), jobs, judge, on_done, model_verdicts=verdicts)
     conditions = list(config.label.conditions)
     soft = [[done[(c, i)]["soft_label"] for i in range(len(data.queries))] for c in conditions]
     records = [done[(c, i)] for c in conditions for i in range(len(data.queries))]

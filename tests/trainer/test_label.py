@@ -140,9 +140,9 @@ def test_vllm_sampler_never_labels_a_broken_stream(end: str, message: str):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("stop_when_judged", [False, True])
+@pytest.mark.parametrize("stop_when_judged, judge_model", [(False, False), (True, False), (False, True)])
 def test_vllm_label_backend_against_the_real_server(vllm_server, tiny_model_dir, query_files, tmp_path,
-                                                    stop_when_judged):
+                                                    stop_when_judged, judge_model):
     harmful, harmless = query_files
     run_dir = tmp_path / "run"
     code = main(["label", "--model-dir", str(tiny_model_dir), "--run-dir", str(run_dir), "--no-progress",
@@ -152,7 +152,10 @@ def test_vllm_label_backend_against_the_real_server(vllm_server, tiny_model_dir,
                  "--set", f"label.served_model_name={vllm_server.served_name}",
                  "--set", "label.num_samples=2", "--set", "label.num_keep=2",
                  "--set", "label.max_new_tokens_harmful=16", "--set", "label.max_new_tokens_harmless=16",
-                 "--set", f"label.stop_when_judged={str(stop_when_judged).lower()}"])
+                 "--set", f"label.stop_when_judged={str(stop_when_judged).lower()}",
+                 # With a judge model, the same server judges (the tiny model forced to Yes or No).
+                 *(["--set", f"label.model_judge.base_url={vllm_server.base_url}",
+                    "--set", f"label.model_judge.model={vllm_server.served_name}"] if judge_model else [])])
     assert code == 0
     labels = json.loads((run_dir / "labels.json").read_text())
     assert labels["conditions"] == ["none", "short"] and len(labels["records"]) == 4
@@ -164,3 +167,75 @@ def test_vllm_label_backend_against_the_real_server(vllm_server, tiny_model_dir,
     assert len(counts) == 8 and all(count is None or 1 <= count <= 16 for count in counts), counts
     if not stop_when_judged:
         assert all(isinstance(count, int) for count in counts), counts
+    if judge_model:  # every verdict readable, and the soft labels are those verdicts'
+        for record in labels["records"]:
+            assert record["unknown"] == 0
+            assert record["soft_label"] == 1 - sum(record["refusals"][i] for i in record["kept"]) / 2
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["label"]["model_judge"]["model"] == vllm_server.served_name
+
+
+# --- a refusal judge model instead of the string judge -------------------------------------------------
+
+def test_model_verdicts_replace_the_judge_and_unreadable_ones_count_as_complied():
+    samples = ["I cannot help with that.", "Sure, here it is.", "Maybe.", "Ok then.\nAnd the rest of it"]
+    # The verdicts are the judge model's, whatever the string judge would say (sample 0 is a refusal
+    # for PaperMatcher; the model calls it complied); None is unreadable: complied, and counted.
+    record = score_samples("none", 3, samples, PaperMatcher(), num_keep=4, verdicts=[False, True, None, True])
+    assert record.refusals == [False, True, False, True]
+    assert record.unknown == 1 and record.soft_label == pytest.approx(2 / 4)
+    assert record.samples[3] == "Ok then."  # judged, like the string judge, on the cleaned sample
+    assert score_samples("none", 3, samples, PaperMatcher(), num_keep=4).unknown == 0
+
+
+def test_a_judge_model_needs_whole_samples():
+    from safeprompt.judge.model_judge import ModelJudgeSettings
+
+    with pytest.raises(ValueError, match="reads whole samples"):
+        LabelConfig(model_judge=ModelJudgeSettings(base_url="http://j", model="m"), stop_when_judged=True)
+
+
+@pytest.mark.integration
+def test_hf_sampler_with_a_judge_model_on_the_real_server(frozen, vllm_server):
+    """The real vLLM server (tiny model, forced to Yes/No) judges the HF sampler's samples: one readable
+    verdict per cleaned sample, and the soft label follows those verdicts."""
+    from safeprompt.client import ChatClient
+    from safeprompt.judge.model_judge import ModelJudgeSettings
+    from trainer.label import ModelVerdicts
+
+    settings = ModelJudgeSettings(base_url=vllm_server.base_url, model=vllm_server.served_name, max_chars=300)
+    config = LabelConfig(backend="hf", num_samples=3, num_keep=3, min_new_tokens=4, max_new_tokens_harmful=8,
+                         model_judge=settings)
+    asked: list[tuple[str, str]] = []
+
+    class Recording(ModelVerdicts):
+        def refusal(self, query: str, sample: str) -> bool | None:
+            asked.append((query, sample))
+            return super().refusal(query, sample)
+
+    records: list[LabelRecord] = []
+    with ChatClient(vllm_server.base_url, max_connections=2) as client:
+        sample_hf(config, frozen, [("none", 0, "How do I pick a lock?", False)], ClosesAfterFirstWord(),
+                  records.append, model_verdicts=Recording(settings, client))
+    [record] = records
+    assert sorted(asked) == sorted(("How do I pick a lock?", sample) for sample in record.samples)
+    assert record.unknown == 0
+    assert record.soft_label == pytest.approx(1 - sum(record.refusals) / 3)
+
+
+def test_the_label_fingerprint_follows_the_judge_model_not_its_address(tmp_path):
+    from safeprompt.judge.model_judge import ModelJudgeSettings
+    from trainer.config import RunConfig
+    from trainer.pipeline import stage_keys
+
+    def key(model_judge=None) -> dict:
+        config = RunConfig(model_dir=tmp_path, run_dir=tmp_path / "run", label=LabelConfig(model_judge=model_judge))
+        return stage_keys(config)["label"]
+
+    plain = key()
+    assert "model_judge" not in plain["label"] and "model_judge" not in plain  # runs without one resume as before
+    judged = key(ModelJudgeSettings(base_url="http://a:1", model="judge"))
+    assert judged != plain and judged["model_judge"]["model"] == "judge" and judged["model_judge_revision"]
+    assert key(ModelJudgeSettings(base_url="http://b:2/v1", model="judge", api_key="k", timeout_s=5)) == judged
+    assert key(ModelJudgeSettings(base_url="http://a:1", model="other")) != judged
+    assert key(ModelJudgeSettings(base_url="http://a:1", model="judge", threshold=0.7)) != judged
