@@ -31,10 +31,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from evaluation.metrics import wilson_interval
-from evaluation.model_judging import ModelRefusalJudge, verdict_file
+from evaluation.model_judging import verdict_file
 from safeprompt.client import ChatClient
 from safeprompt.judge import JUDGES, get_judge
 from safeprompt.judge.model_judge import ModelJudgeSettings
+from safeprompt.model_judge_client import ModelJudgeClient
 
 Predict = Callable[[dict], bool]
 
@@ -129,9 +130,9 @@ def model_verdicts(rows: list[dict], settings: ModelJudgeSettings, cache: Path, 
         with ChatClient(settings.base_url, api_key=settings.api_key.get_secret_value(), timeout_s=settings.timeout_s,
                         max_connections=concurrency) as client, open(cache, "a", encoding="utf-8") as out, \
                 ThreadPoolExecutor(concurrency) as pool:
-            judge = ModelRefusalJudge(settings, client)
+            judge = ModelJudgeClient(settings, client)
             started = time.perf_counter()
-            verdicts = pool.map(lambda row: judge.classify(row.get("prompt", ""), row["response"]), pending)
+            verdicts = pool.map(lambda row: judge.verdict(row.get("prompt", ""), row["response"]), pending)
             for row, verdict in zip(pending, verdicts):
                 record = {"id": row["id"], "refusal": verdict.refusal, "p_refusal": verdict.p_refusal,
                           "raw": verdict.raw}

@@ -21,7 +21,7 @@ from evaluation.cache import ResultCache, bind_run_dir
 from evaluation.client import ChatClient, guard_client, model_judge_client, target_client
 from evaluation.config import EvalConfig
 from evaluation.guard import HarmGuard
-from evaluation.model_judging import ModelRefusalJudge, verdict_file
+from evaluation.model_judging import ModelJudgeClient, verdict_file
 from evaluation.querysets import QuerySet, load_builtin_set, parse_custom_set
 from evaluation.runner import (
     Budget,
@@ -104,7 +104,7 @@ def evaluate(config: EvalConfig, command: str) -> RunResult:
         sent_model_judge = 0
         if config.model_judge is not None:
             with model_judge_client(config) as client_of_judge:
-                model_judge = ModelRefusalJudge(config.model_judge, client_of_judge)
+                model_judge = ModelJudgeClient(config.model_judge, client_of_judge)
                 verdicts = ResultCache(config.run_dir / verdict_file(config.model_judge))
                 sent_model_judge = run_pending(plan_model_judge(items, answers), verdicts,
                                                model_judge_worker(model_judge, answers),

@@ -25,7 +25,7 @@ from evaluation.cache import CacheError, Key, ResultCache
 from evaluation.client import ChatClient
 from evaluation.config import GREEDY, EvalConfig, sample_seed
 from evaluation.guard import HarmGuard
-from evaluation.model_judging import ModelRefusalJudge
+from evaluation.model_judging import ModelJudgeClient
 from evaluation.querysets import QuerySet
 from evaluation.targets import Target
 
@@ -195,10 +195,10 @@ def plan_model_judge(items: list[WorkItem], answers: ResultCache) -> list[WorkIt
     return [item for item in items if item.key in answers]
 
 
-def model_judge_worker(judge: ModelRefusalJudge, answers: ResultCache) -> Callable[[WorkItem], dict[str, Any]]:
+def model_judge_worker(judge: ModelJudgeClient, answers: ResultCache) -> Callable[[WorkItem], dict[str, Any]]:
     def work(item: WorkItem) -> dict[str, Any]:
         text = judged_text(item.sample, answers.get(item.key)["text"])
-        verdict = judge.classify(item.query, text)
+        verdict = judge.verdict(item.query, text)
         return {"judge": judge.name, "refusal": verdict.refusal, "p_refusal": verdict.p_refusal,
                 "raw": verdict.raw, "answer_sha256": answer_digest(text)}
     return work

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from safeprompt.client import ChatClient, ChatRequestError
+from safeprompt.client import ChatClient
 from safeprompt.judge import Judge
-from safeprompt.judge.model_judge import ModelJudgeSettings, judge_request, read_verdict
+from safeprompt.judge.model_judge import ModelJudgeSettings
+from safeprompt.model_judge_client import ModelJudgeClient
 from safeprompt.postprocess import trim_unfinished_tail
 from trainer.chat import render_ids
 from trainer.config import LabelConfig
@@ -87,17 +88,11 @@ class ModelVerdicts:
     """A refusal judge model's verdicts on label samples (`LabelConfig.model_judge`); thread-safe."""
 
     def __init__(self, settings: ModelJudgeSettings, client: ChatClient) -> None:
-        self.settings = settings
-        self._client = client
+        self._judge = ModelJudgeClient(settings, client)
 
     def refusal(self, query: str, sample: str) -> bool | None:
         """The verdict on a *cleaned* sample (`trim_unfinished_tail`), None when unreadable."""
-        path, body = judge_request(self.settings, query, sample)
-        reply = self._client.post_json(path, body)
-        try:
-            return read_verdict(self.settings, reply).refusal
-        except ValueError as exc:
-            raise ChatRequestError(f"{self.settings.name}: {exc}") from None
+        return self._judge.verdict(query, sample).refusal
 
 
 def sample_seed(config: LabelConfig, query_index: int, sample_index: int) -> int:
