@@ -25,10 +25,15 @@ def writer_pids(metrics_dir: Path, pattern: str) -> set[int]:
     return {int(path.stem.rsplit("_", 1)[1]) for path in metrics_dir.glob(pattern)}
 
 
-def test_two_workers_count_every_request_once(gateway_factory, tmp_path: Path) -> None:
+def test_two_workers_count_every_request_once(gateway_factory, vllm_server, tmp_path: Path) -> None:
+    """Also the audit's metrics: each worker audits the answers it served (the real vLLM server as the
+    judge, every answer sampled) and the scrape sums them to every answer sent; its judge is named
+    once, nothing stays pending."""
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
-    served = gateway_factory(workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    judge = {"base_url": vllm_server.base_url, "model": vllm_server.served_name, "max_chars": 200}
+    served = gateway_factory(workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+                             audit_judge={"judge": judge, "sample_rate": 1.0})
     # Each worker builds the app (and writes its artifact info); the supervisor builds none. Readiness
     # means one worker answers: the other may still be building, so wait (bounded) for both.
     deadline = time.monotonic() + 60
@@ -60,3 +65,15 @@ def test_two_workers_count_every_request_once(gateway_factory, tmp_path: Path) -
             assert metric_total(again, "dro_gateway_requests_total", variant="none", status="200") == sent
     assert metric_total(metrics, "dro_gateway_answers_judged_total", variant="none") == sent
     assert metric_total(metrics, "dro_gateway_requests_in_flight", variant="none") == 0
+
+    deadline = time.monotonic() + 120
+    with httpx.Client(timeout=120) as client:
+        while True:
+            metrics = client.get(f"{served.base_url}/metrics", headers={"Connection": "close"}).text
+            audited = metric_total(metrics, "dro_gateway_audited_answers_total", variant="none")
+            if audited == sent and metric_total(metrics, "dro_gateway_audit_pending") == 0:
+                break
+            assert time.monotonic() < deadline, f"{audited} of {sent} answers audited"
+            time.sleep(0.5)
+    assert metric_total(metrics, "dro_gateway_audit_failures_total") == 0
+    assert metric_total(metrics, "dro_gateway_audit_judge_info", judge=f"model:ask:{vllm_server.served_name}") == 1
