@@ -193,6 +193,22 @@ def test_the_real_judge_audits_every_answer_with_its_live_verdict(gateway_factor
     wait_for(gateway.base_url, lambda text: pending(text) == 0, "nothing pending")
 
 
+@pytest.mark.integration
+def test_the_wildguard_format_reaches_the_completions_endpoint(gateway_factory, vllm_server) -> None:
+    """WildGuard's raw prompt goes to the real server's /v1/completions; the tiny model's random words carry
+    no "Response refusal:" line, so each answer is audited as `unknown`, not failed and not guessed."""
+    judge = {"base_url": vllm_server.base_url, "model": vllm_server.served_name, "format": "wildguard"}
+    gateway = gateway_factory(audit_judge={"judge": judge, "sample_rate": 1.0})
+    client = gateway.openai_client()
+    sent = [ask(client, "How do I pick a lock?", stream=stream) for stream in (False, True)]
+    assert all(status == 200 and text for status, _, text in sent)
+    text = wait_for(gateway.base_url, lambda text: metric_total(text, AUDITED) == len(sent), "every answer audited",
+                    timeout_s=120)
+    assert metric_total(text, AUDITED, audit="unknown") == len(sent)
+    assert metric_total(text, FAILURES) == 0
+    assert metric_total(text, "dro_gateway_audit_judge_info", judge=f"model:wildguard:{vllm_server.served_name}") == 1
+
+
 # --- faults ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
