@@ -75,3 +75,24 @@ def test_first_samples_must_be_positive(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(SystemExit):
         run_main(monkeypatch, str(tmp_path / "src"), str(tmp_path / "dst"), "--first-samples", "0")
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.integration
+def test_a_judge_model_rejudges_every_sample_with_its_query(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            vllm_server) -> None:
+    """The real vLLM server (tiny model, forced to Yes or No) as the judge model: every stored sample gets a
+    readable verdict, and each soft label is the complied share of those verdicts."""
+    write_run(tmp_path / "src")
+    run_main(monkeypatch, str(tmp_path / "src"), str(tmp_path / "dst"), "--model-judge-url", vllm_server.base_url,
+             "--model-judge-model", vllm_server.served_name, "--concurrency", "2")
+    labels = json.loads((tmp_path / "dst" / "labels.json").read_text())
+    assert labels["rejudged_with"] == f"model:ask:{vllm_server.served_name}"
+    for record, soft in zip(labels["records"], labels["soft_labels"][0]):
+        assert record["unknown"] == 0 and len(record["refusals"]) == 4
+        assert soft == record["soft_label"] == 1 - sum(record["refusals"]) / 4
+
+
+def test_judge_model_flags_go_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_run(tmp_path / "src")
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, str(tmp_path / "src"), str(tmp_path / "dst"), "--model-judge-url", "http://j")
