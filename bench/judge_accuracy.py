@@ -33,6 +33,7 @@ from pathlib import Path
 from evaluation.metrics import wilson_interval
 from evaluation.model_judging import verdict_file
 from safeprompt.client import ChatClient
+from safeprompt.files import sha256_text
 from safeprompt.judge import JUDGES, get_judge
 from safeprompt.judge.model_judge import ModelJudgeSettings
 from safeprompt.model_judge_client import ModelJudgeClient
@@ -115,6 +116,10 @@ def evaluate(rows: list[dict], judges: dict[str, Predict]) -> list[Scores]:
     return results
 
 
+def pair_digest(row: dict) -> str:
+    return sha256_text(json.dumps([row.get("prompt", ""), row["response"]]))[:16]
+
+
 def model_verdicts(rows: list[dict], settings: ModelJudgeSettings, cache: Path, concurrency: int) -> dict[str, dict]:
     """Verdicts of the judge model by row id, from `cache` (JSONL) and, for rows not there, asked now
     (each appended as it arrives, so an interrupted run resumes)."""
@@ -124,7 +129,8 @@ def model_verdicts(rows: list[dict], settings: ModelJudgeSettings, cache: Path, 
             if line.strip():
                 record = json.loads(line)
                 found[record["id"]] = record
-    pending = [row for row in rows if row["id"] not in found]
+    # A verdict is for the request and response it was asked about: an edited row is asked again.
+    pending = [row for row in rows if found.get(row["id"], {}).get("pair_sha256") != pair_digest(row)]
     if pending:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with ChatClient(settings.base_url, api_key=settings.api_key.get_secret_value(), timeout_s=settings.timeout_s,
@@ -135,7 +141,7 @@ def model_verdicts(rows: list[dict], settings: ModelJudgeSettings, cache: Path, 
             verdicts = pool.map(lambda row: judge.verdict(row.get("prompt", ""), row["response"]), pending)
             for row, verdict in zip(pending, verdicts):
                 record = {"id": row["id"], "refusal": verdict.refusal, "p_refusal": verdict.p_refusal,
-                          "raw": verdict.raw}
+                          "raw": verdict.raw, "pair_sha256": pair_digest(row)}
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 found[row["id"]] = record
@@ -230,6 +236,8 @@ def main() -> None:
     parser.add_argument("--model-judge-cache", type=Path, help="verdict cache (default: runs/judge-model/...)")
     parser.add_argument("--concurrency", type=int, default=8, help="judge model requests in flight")
     args = parser.parse_args()
+    if (args.model_judge_url is None) != (args.model_judge_model is None):
+        parser.error("--model-judge-url and --model-judge-model go together")
 
     rows = read_labels(args.labels)
     names = args.judge or sorted(JUDGES)
@@ -244,8 +252,8 @@ def main() -> None:
         judges[settings.name] = lambda row: verdicts[row["id"]]["refusal"] is True
         threshold = dev_threshold(rows, verdicts)
         if threshold is not None:  # calibrated on dev rows only: its test figures are held out
-            judges[f"{settings.name}@dev-threshold={threshold:.3f}"] = (
-                lambda row: verdicts[row["id"]]["p_refusal"] >= threshold)
+            judges[f"{settings.name}@dev-threshold={threshold:.3f}"] = (  # no probability: no refusal
+                lambda row: (verdicts[row["id"]]["p_refusal"] or 0.0) >= threshold)
     results = evaluate(rows, judges)
     speeds = time_judges(rows, names)
     if args.json:

@@ -132,7 +132,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                                                        **options)
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc, flag_prefix="--model-judge-")) from None
-        fields.setdefault("stop_greedy_when_judged", False)  # the judge model reads whole answers
+        if fields.get("greedy", True):  # the judge model reads whole answers (no fingerprint change without greedy)
+            fields.setdefault("stop_greedy_when_judged", False)
     elif any(value is not None for value in judge_fields.values()):
         raise ConfigError("--model-judge-* options need --model-judge-url and --model-judge-model")
     if "api_key_env" in fields:

@@ -21,7 +21,7 @@ from evaluation.cache import ResultCache, bind_run_dir
 from evaluation.client import ChatClient, guard_client, model_judge_client, target_client
 from evaluation.config import EvalConfig
 from evaluation.guard import HarmGuard
-from evaluation.model_judging import ModelJudgeClient, verdict_file
+from evaluation.model_judging import ModelJudgeClient, verdict_digest, verdict_file
 from evaluation.querysets import QuerySet, load_builtin_set, parse_custom_set
 from evaluation.runner import (
     Budget,
@@ -132,6 +132,7 @@ def evaluate(config: EvalConfig, command: str) -> RunResult:
         model_report = build_report(reporting.model_judges(config.model_judge.name, verdicts, guard_name))
         model_report["model_judge"] = reporting.model_judge_summary([item.key for item in items], answers,
                                                                     verdicts, judge)
-        model_paths = reporting.write_report(config.run_dir, model_report, chart=config.chart)
+        model_paths = reporting.write_report(config.run_dir, model_report, chart=config.chart,
+                                             suffix=f"-{verdict_digest(config.model_judge)}")
     finished = report["finished"] and (model_report is None or model_report["finished"])
     return RunResult(report, paths, sent_answers, sent_guard, finished, model_report, model_paths, sent_model_judge)

@@ -4,23 +4,32 @@ What to send and how to read the answer is `safeprompt.judge.model_judge` (share
 audit), sent by `safeprompt.model_judge_client.ModelJudgeClient`; this module names the run
 directory's verdict cache.
 The cache file carries a digest of every setting that changes a verdict (format, model, threshold,
-constraint, cut), so a rerun with other settings judges again instead of mixing verdicts.
+constraint, cut) and of the judge's prompt and reading, so a rerun with other settings, or after
+`safeprompt/judge/model_judge.py` changed, judges again instead of mixing verdicts.
 This module knows nothing about sets or metrics.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from safeprompt.files import sha256_text
+from safeprompt.files import sha256_file, sha256_text
+from safeprompt.judge import model_judge as model_judge_module
 from safeprompt.judge.model_judge import ModelJudgeSettings
 from safeprompt.model_judge_client import ModelJudgeClient
 
-__all__ = ["ModelJudgeClient", "verdict_file"]
+__all__ = ["ModelJudgeClient", "verdict_digest", "verdict_file"]
 
 
 def verdict_file(settings: ModelJudgeSettings) -> str:
     """`model-judge-<model>-<digest>.jsonl`: one cache per served model and verdict-changing settings."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", settings.model)
-    digest = sha256_text(settings.model_dump_json(exclude={"base_url", "api_key", "timeout_s"}))[:8]
-    return f"model-judge-{safe}-{digest}.jsonl"
+    return f"model-judge-{safe}-{verdict_digest(settings)}.jsonl"
+
+
+def verdict_digest(settings: ModelJudgeSettings) -> str:
+    """8 hex digits over what decides a verdict: the settings that change it (not the address, key or
+    timeout) and the revision of the prompt and its reading (`safeprompt/judge/model_judge.py`)."""
+    revision = sha256_file(Path(model_judge_module.__file__))
+    return sha256_text(settings.model_dump_json(exclude={"base_url", "api_key", "timeout_s"}) + revision)[:8]

@@ -299,11 +299,12 @@ def write_chart(tradeoff: dict[str, Any], path: Path, title: str) -> None:
     temporary.replace(path)
 
 
-def write_report(run_dir: Path, report: dict[str, Any], *, chart: bool) -> dict[str, Path]:
+def write_report(run_dir: Path, report: dict[str, Any], *, chart: bool, suffix: str = "") -> dict[str, Path]:
     """results.<judge>.md, results.<judge>.json and (optionally) tradeoff.<judge>.png in the run
     directory, atomically. Named by the refusal judge, so re-judging a finished run with another
     judge (same command, other --judge: every answer comes from the cache) keeps both reports."""
-    judge = re.sub(r"[^A-Za-z0-9._-]", "_", report["judges"]["refusal"])  # a model judge: model:ask:org/name
+    # A model judge's name is model:ask:org/name; its `suffix` tells its verdict settings apart.
+    judge = re.sub(r"[^A-Za-z0-9._-]", "_", report["judges"]["refusal"]) + suffix
     paths = {"markdown": run_dir / f"results.{judge}.md", "json": run_dir / f"results.{judge}.json"}
     atomic_write_text(paths["markdown"], render_markdown(report))
     atomic_write_text(paths["json"], json.dumps(report, indent=2, sort_keys=True) + "\n")

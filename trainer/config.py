@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from safeprompt.judge.model_judge import ModelJudgeSettings
+
+MASKED_SECRET = "**********"  # how pydantic writes a SecretStr into JSON
 from safeprompt.prompts import PROMPT_CONDITIONS
 from safeprompt.sampling import (
     PAPER_NUM_KEEP,
@@ -60,6 +62,9 @@ class LabelConfig(_Strict):
     # A refusal judge model behind an OpenAI-compatible API that replaces `judge` for the labels
     # (trainer.label, docs/judges.md); it reads the query too, and whole samples.
     model_judge: ModelJudgeSettings | None = None
+    # The judge model's API key from this environment variable (config.json never holds a key: it is
+    # written masked, so a key given in the config does not survive a resume).
+    model_judge_api_key_env: str | None = None
     num_samples: int = Field(default=PAPER_NUM_SAMPLES, gt=0)
     num_keep: int = Field(default=PAPER_NUM_KEEP, gt=0, description="keep the N longest samples (whitespace words)")
     # The paper's sampling (safeprompt.sampling, shared with dro-eval), under Hugging Face's names.
@@ -84,6 +89,9 @@ class LabelConfig(_Strict):
             raise ValueError("conditions must be non-empty and distinct")
         if self.model_judge is not None and self.stop_when_judged:
             raise ValueError("a refusal judge model reads whole samples: model_judge needs stop_when_judged false")
+        if self.model_judge is not None and self.model_judge.api_key.get_secret_value() == MASKED_SECRET:
+            raise ValueError("label.model_judge.api_key is the masked value a run's config.json holds: give the key "
+                             "through label.model_judge_api_key_env (an environment variable's name)")
         return self
 
     @property

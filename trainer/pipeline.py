@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +58,8 @@ def stage_keys(config: RunConfig) -> dict[str, dict]:
     """What each stage's outputs depend on (upstream keys included)."""
     data = {"data": config.data.model_dump(mode="json"), "model": model_key(config)}
     label = {**data, "label": config.label.model_dump(mode="json", exclude={"vllm_url", "concurrency",
-                                                                           "request_timeout_s", "model_judge"}),
+                                                                           "request_timeout_s", "model_judge",
+                                                                           "model_judge_api_key_env"}),
              # The judge's rules, not only its name: a newer revision labels again.
              "judge_revision": judge_revision(config.label.judge)}
     if config.label.model_judge is not None:  # its model and settings, its prompt and reading, likewise
@@ -149,8 +151,11 @@ def run_label(config: RunConfig, show_progress: bool = True) -> Path:
             verdicts = None
             judge_model = config.label.model_judge
             if judge_model is not None:
-                client = stack.enter_context(ChatClient(judge_model.base_url,
-                                                        api_key=judge_model.api_key.get_secret_value(),
+                key_env = config.label.model_judge_api_key_env
+                if key_env is not None and not os.environ.get(key_env):
+                    raise ValueError(f"label.model_judge_api_key_env: environment variable {key_env} is not set")
+                api_key = os.environ[key_env] if key_env is not None else judge_model.api_key.get_secret_value()
+                client = stack.enter_context(ChatClient(judge_model.base_url, api_key=api_key,
                                                         timeout_s=judge_model.timeout_s,
                                                         max_connections=config.label.concurrency))
                 verdicts = ModelVerdicts(judge_model, client)

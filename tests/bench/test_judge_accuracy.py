@@ -129,6 +129,9 @@ def test_model_judge_verdicts_are_cached_and_resumed(vllm_server, tmp_path: Path
     more = model_verdicts(rows[:7], settings, cache, concurrency=2)
     assert "asked 2 verdicts" in capsys.readouterr().out
     assert {key: more[key] for key in first} == first and len(cache.read_text().splitlines()) == 7
+    edited = [{**rows[0], "response": rows[0]["response"] + " (edited)"}, *rows[1:7]]
+    model_verdicts(edited, settings, cache, concurrency=2)  # a verdict is for the text it was asked about
+    assert "asked 1 verdicts" in capsys.readouterr().out
 
 
 def test_dev_threshold_is_fitted_on_dev_rows_only() -> None:

@@ -140,3 +140,9 @@ def test_model_judge_needs_whole_greedy_answers() -> None:
 def test_model_judge_flag_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--base-url", "http://h:1", "--model", "m", "--run-dir", "/tmp/r", *argv]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"dro-eval: error: {message}"
+
+
+def test_without_greedy_answers_a_model_judge_leaves_the_fingerprint_alone() -> None:
+    plain = parse("--no-greedy", "--samples", "3")
+    judged = parse("--no-greedy", "--samples", "3", "--model-judge-url", "http://j", "--model-judge-model", "m")
+    assert judged.fingerprint() == plain.fingerprint()  # an existing run directory resumes with the judge added

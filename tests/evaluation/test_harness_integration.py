@@ -238,7 +238,9 @@ def test_refusal_judge_model_gives_a_second_report(vllm_server, sets_dir: Path, 
     report = result.model_report
     assert report is not None and report["judges"]["refusal"] == f"model:ask:{vllm_server.served_name}"
     assert report["model_judge"]["judged"] == answers and report["model_judge"]["unknown"] == 0
-    assert result.model_paths["markdown"].name == f"results.model_ask_{vllm_server.served_name}.md"
+    from evaluation.model_judging import verdict_digest
+
+    assert result.model_paths["markdown"].name == f"results.model_ask_{vllm_server.served_name}-{verdict_digest(judge)}.md"
     assert "Refusal judge model: 18 answers judged, 0 of them unreadable" in result.model_paths["markdown"].read_text()
 
     verdicts = ResultCache(tmp_path / "m" / verdict_file(judge))
@@ -250,7 +252,8 @@ def test_refusal_judge_model_gives_a_second_report(vllm_server, sets_dir: Path, 
     again = evaluate(config, "c")  # resumes: every verdict is cached
     assert again.sent_model_judge == 0 and again.model_report["rows"] == report["rows"]
     stricter = evaluate(config.model_copy(update={"model_judge": judge.model_copy(update={"threshold": 0.9})}), "c")
-    assert stricter.sent_model_judge == answers  # another threshold: verdicts of its own
+    assert stricter.sent_model_judge == answers  # another threshold: verdicts of its own, and a report of its own
+    assert stricter.model_paths["markdown"] != result.model_paths["markdown"] and result.model_paths["markdown"].exists()
 
 
 def test_wildguard_format_reads_the_completions_endpoint(vllm_server, sets_dir: Path, tmp_path: Path) -> None:

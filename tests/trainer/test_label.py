@@ -142,7 +142,8 @@ def test_vllm_sampler_never_labels_a_broken_stream(end: str, message: str):
 @pytest.mark.integration
 @pytest.mark.parametrize("stop_when_judged, judge_model", [(False, False), (True, False), (False, True)])
 def test_vllm_label_backend_against_the_real_server(vllm_server, tiny_model_dir, query_files, tmp_path,
-                                                    stop_when_judged, judge_model):
+                                                    stop_when_judged, judge_model, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "judge-secret")  # the key of the judge model, by name only
     harmful, harmless = query_files
     run_dir = tmp_path / "run"
     code = main(["label", "--model-dir", str(tiny_model_dir), "--run-dir", str(run_dir), "--no-progress",
@@ -155,7 +156,8 @@ def test_vllm_label_backend_against_the_real_server(vllm_server, tiny_model_dir,
                  "--set", f"label.stop_when_judged={str(stop_when_judged).lower()}",
                  # With a judge model, the same server judges (the tiny model forced to Yes or No).
                  *(["--set", f"label.model_judge.base_url={vllm_server.base_url}",
-                    "--set", f"label.model_judge.model={vllm_server.served_name}"] if judge_model else [])])
+                    "--set", f"label.model_judge.model={vllm_server.served_name}",
+                    "--set", "label.model_judge_api_key_env=JUDGE_KEY"] if judge_model else [])])
     assert code == 0
     labels = json.loads((run_dir / "labels.json").read_text())
     assert labels["conditions"] == ["none", "short"] and len(labels["records"]) == 4
@@ -173,6 +175,7 @@ def test_vllm_label_backend_against_the_real_server(vllm_server, tiny_model_dir,
             assert record["soft_label"] == 1 - sum(record["refusals"][i] for i in record["kept"]) / 2
         config = json.loads((run_dir / "config.json").read_text())
         assert config["label"]["model_judge"]["model"] == vllm_server.served_name
+        assert "judge-secret" not in (run_dir / "config.json").read_text()
 
 
 # --- a refusal judge model instead of the string judge -------------------------------------------------
@@ -239,3 +242,23 @@ def test_the_label_fingerprint_follows_the_judge_model_not_its_address(tmp_path)
     assert key(ModelJudgeSettings(base_url="http://b:2/v1", model="judge", api_key="k", timeout_s=5)) == judged
     assert key(ModelJudgeSettings(base_url="http://a:1", model="other")) != judged
     assert key(ModelJudgeSettings(base_url="http://a:1", model="judge", threshold=0.7)) != judged
+
+
+
+def test_a_masked_judge_key_is_refused_and_the_key_variable_is_not_part_of_the_fingerprint(tmp_path):
+    from safeprompt.judge.model_judge import ModelJudgeSettings
+    from trainer.config import RunConfig
+    from trainer.pipeline import stage_keys
+
+    judge = ModelJudgeSettings(base_url="http://a:1", model="judge")
+    keyed = ModelJudgeSettings(base_url="http://a:1", model="judge", api_key="real")
+    written = LabelConfig(model_judge=keyed).model_dump(mode="json")  # what config.json holds
+    assert written["model_judge"]["api_key"] == "**********"
+    with pytest.raises(ValueError, match="model_judge_api_key_env"):  # what resuming from config.json would read
+        LabelConfig(**written)
+
+    def key(**label) -> dict:
+        config = RunConfig(model_dir=tmp_path, run_dir=tmp_path / "run", label=LabelConfig(model_judge=judge, **label))
+        return stage_keys(config)["label"]
+
+    assert key(model_judge_api_key_env="JUDGE_KEY") == key()
