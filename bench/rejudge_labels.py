@@ -31,7 +31,8 @@ from pathlib import Path
 from safeprompt.client import ChatClient
 from safeprompt.judge import get_judge
 from safeprompt.judge.model_judge import ModelJudgeSettings
-from trainer.label import ModelVerdicts, score_samples
+from safeprompt.model_judge_client import ModelJudgeClient
+from trainer.label import score_samples
 
 CARRIED = ("label.done.json", "config.json", "states.safetensors", "states.json", "extract.done.json")
 
@@ -72,8 +73,8 @@ def main() -> None:
                  for k, sample in enumerate(record["samples"][: args.first_samples])]
         with ChatClient(settings.base_url, max_connections=args.concurrency, timeout_s=settings.timeout_s) as client, \
                 ThreadPoolExecutor(args.concurrency) as pool:
-            model = ModelVerdicts(settings, client)
-            answers = pool.map(lambda pair: model.refusal(pair[2], pair[3]), pairs)
+            model = ModelJudgeClient(settings, client)
+            answers = pool.map(lambda pair: model.verdict(pair[2], pair[3]).refusal, pairs)
             verdicts = {(r, k): verdict for (r, k, _, _), verdict in zip(pairs, answers)}
     records = []
     for r, record in enumerate(labels["records"]):

@@ -24,15 +24,7 @@ from bench.gateway_overhead import cpu_seconds
 from bench.loadgen import run_load
 from safeprompt.files import atomic_write_text
 from safeprompt.models import resolve_model
-from stack.processes import (
-    ManagedProcess,
-    free_port,
-    lists_model,
-    servers_stopped_on_exit,
-    start_gateway,
-    vllm_command,
-    vllm_env,
-)
+from stack.processes import free_port, servers_stopped_on_exit, start_gateway, start_vllm
 
 SERVED = "smollm2-135m-instruct"
 TOKENS, REQUESTS, CONCURRENCY = 256, 48, 8
@@ -41,11 +33,9 @@ TOKENS, REQUESTS, CONCURRENCY = 256, 48, 8
 def measure(interval: int, model_dir: Path, work: Path) -> dict:
     vllm_port, gateway_port = free_port(), free_port()
     with servers_stopped_on_exit() as processes:
-        vllm = ManagedProcess(name="vllm", log_path=work / f"vllm-{interval}.log", env=vllm_env(),
-                              command=vllm_command(model_dir, served_model_name=SERVED, port=vllm_port,
-                                                   extra_args=("--stream-interval", str(interval)))).start()
-        processes.append(vllm)
-        vllm.wait_http_ok(f"http://127.0.0.1:{vllm_port}/v1/models", 300, port=vllm_port, accept=lists_model(SERVED))
+        processes.append(start_vllm(model_dir, served_model_name=SERVED, port=vllm_port,
+                                    log_path=work / f"vllm-{interval}.log",
+                                    extra_args=("--stream-interval", str(interval))))
         config = {"upstream_urls": [f"http://127.0.0.1:{vllm_port}"],
                   "models": [{"name": "s", "upstream_model": SERVED, "model_path": str(model_dir),
                               "default_variant": "none"}]}

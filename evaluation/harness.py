@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from safeprompt.judge import get_judge
+from safeprompt.model_judge_client import ModelJudgeClient
 
 from evaluation import report as reporting
 from evaluation.cache import ResultCache, bind_run_dir
 from evaluation.client import ChatClient, guard_client, model_judge_client, target_client
 from evaluation.config import EvalConfig
 from evaluation.guard import HarmGuard
-from evaluation.model_judging import ModelJudgeClient, verdict_digest, verdict_file
+from evaluation.model_judging import verdict_digest, verdict_file
 from evaluation.querysets import QuerySet, load_builtin_set, parse_custom_set
 from evaluation.runner import (
     Budget,

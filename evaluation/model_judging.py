@@ -12,14 +12,10 @@ This module knows nothing about sets or metrics.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from safeprompt.files import sha256_file, sha256_text
-from safeprompt.judge import model_judge as model_judge_module
-from safeprompt.judge.model_judge import ModelJudgeSettings
-from safeprompt.model_judge_client import ModelJudgeClient
+from safeprompt.files import sha256_text
+from safeprompt.judge.model_judge import ModelJudgeSettings, revision
 
-__all__ = ["ModelJudgeClient", "verdict_digest", "verdict_file"]
 
 
 def verdict_file(settings: ModelJudgeSettings) -> str:
@@ -31,5 +27,4 @@ def verdict_file(settings: ModelJudgeSettings) -> str:
 def verdict_digest(settings: ModelJudgeSettings) -> str:
     """8 hex digits over what decides a verdict: the settings that change it (not the address, key or
     timeout) and the revision of the prompt and its reading (`safeprompt/judge/model_judge.py`)."""
-    revision = sha256_file(Path(model_judge_module.__file__))
-    return sha256_text(settings.model_dump_json(exclude={"base_url", "api_key", "timeout_s"}) + revision)[:8]
+    return sha256_text(settings.model_dump_json(exclude={"base_url", "api_key", "timeout_s"}) + revision())[:8]

@@ -19,13 +19,13 @@ from tqdm import tqdm
 
 from safeprompt.files import sha256_text
 from safeprompt.judge import JUDGES
+from safeprompt.model_judge_client import ModelJudgeClient
 from safeprompt.postprocess import trim_unfinished_tail
 
 from evaluation.cache import CacheError, Key, ResultCache
 from evaluation.client import ChatClient
 from evaluation.config import GREEDY, EvalConfig, sample_seed
 from evaluation.guard import HarmGuard
-from evaluation.model_judging import ModelJudgeClient
 from evaluation.querysets import QuerySet
 from evaluation.targets import Target
 

@@ -83,15 +83,6 @@ def last_user_text(request: ChatCompletionRequest) -> str:
     return ""
 
 
-def judge_base_url(url: str) -> str:
-    """`http://host:port`, `.../` or `.../v1` all become `http://host:port/v1`.
-
-    The same rule as `safeprompt.client.normalise_base_url`, which the gateway cannot import: that
-    module is the offline client and needs httpx, which the gateway's image does not carry."""
-    url = url.rstrip("/")
-    return url if url.endswith("/v1") else f"{url}/v1"
-
-
 class JudgeStatusError(Exception):
     """The judge answered an HTTP status other than 200."""
 
@@ -106,7 +97,7 @@ class Auditor:
         self.judge = settings.judge
         self.max_chars = settings.judge.max_chars
         self.draw = draw  # uniform in [0, 1): a request is sampled when it falls below sample_rate
-        self._url = judge_base_url(settings.judge.base_url)
+        self._url = settings.judge.api_base
         self._metrics = metrics
         self._queue: asyncio.Queue[AuditSample] | None = None  # None: not running
         self._workers: list[asyncio.Task[None]] = []

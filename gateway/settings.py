@@ -143,13 +143,6 @@ class AuditSettings(BaseModel):
     max_pending: int = Field(default=256, ge=1)
     concurrency: int = Field(default=4, ge=1, description="calls in flight to the judge at once")
 
-    @field_validator("judge")
-    @classmethod
-    def _judge_url(cls, value: ModelJudgeSettings) -> ModelJudgeSettings:
-        if not value.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"audit judge base_url {value.base_url!r} must start with http:// or https://")
-        return value
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(

@@ -25,11 +25,15 @@ from typing import Any
 
 import httpx
 
+from safeprompt.urls import normalise_base_url
+
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 # Shorter than the 5 s idle timeout of uvicorn and vLLM: a reused connection that the server is
 # closing at the same moment fails the request (seen on this stack).
 KEEPALIVE_EXPIRY_S = 4.0
 DONE = "[DONE]"
+
+__all__ = ["ChatClient", "ChatRequestError", "Completion", "StreamError", "normalise_base_url", "read_sse_events"]
 
 
 class ChatRequestError(RuntimeError):
@@ -45,14 +49,6 @@ class Completion:
     text: str
     finish_reason: str | None  # "judged" when the caller hung up early
     completion_tokens: int | None
-
-
-def normalise_base_url(url: str) -> str:
-    """`http://host:port`, `.../` or `.../v1` all become `http://host:port/v1`."""
-    url = url.rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"base URL must start with http:// or https://, got {url!r}")
-    return url if url.endswith("/v1") else f"{url}/v1"
 
 
 def read_sse_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:

@@ -370,14 +370,15 @@ def lists_model(served_model_name: str) -> Callable[[httpx.Response], bool]:
 
 
 def start_vllm(model_dir: str | Path, *, served_model_name: str, port: int, log_path: Path | None,
-               dtype: str | None = None, max_model_len: int = 2048, timeout_s: float = 300.0) -> ManagedProcess:
+               dtype: str | None = None, max_model_len: int = 2048, timeout_s: float = 300.0,
+               extra_args: tuple[str, ...] = ()) -> ManagedProcess:
     """Start a vLLM CPU server on 127.0.0.1:port (which must be free) and wait until it serves
     `served_model_name` from the process just started."""
     ensure_port_free(port, "127.0.0.1")
     proc = ManagedProcess(
         name=f"vllm[{served_model_name}]",
         command=vllm_command(model_dir, served_model_name=served_model_name, port=port, dtype=dtype,
-                             max_model_len=max_model_len),
+                             max_model_len=max_model_len, extra_args=extra_args),
         log_path=log_path,
         env=vllm_env(),
     ).start()

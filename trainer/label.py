@@ -16,7 +16,7 @@ sample stops as soon as the judge's window is closed (`Judge.window_closed`): th
 the tail is not generated.
 
 With `LabelConfig.model_judge` the verdicts come from a refusal judge *model* behind an
-OpenAI-compatible API instead of the string judge (`ModelVerdicts`; docs/judges.md): it reads the
+OpenAI-compatible API instead of the string judge (`safeprompt.model_judge_client`; docs/judges.md): it reads the
 query and each cleaned sample, right after the sample is drawn (in the vLLM sampler's worker threads,
 so judging overlaps sampling). A verdict it cannot read counts as complied and is counted per record
 (`unknown`). Samples then always run to the end (the model reads whole answers).
@@ -35,7 +35,6 @@ import torch
 
 from safeprompt.client import ChatClient
 from safeprompt.judge import Judge
-from safeprompt.judge.model_judge import ModelJudgeSettings
 from safeprompt.model_judge_client import ModelJudgeClient
 from safeprompt.postprocess import trim_unfinished_tail
 from trainer.chat import render_ids
@@ -84,17 +83,6 @@ def score_samples(condition: str, query_index: int, samples: list[str], judge: J
                        list(tokens) if tokens is not None else [None] * len(samples), unknown)
 
 
-class ModelVerdicts:
-    """A refusal judge model's verdicts on label samples (`LabelConfig.model_judge`); thread-safe."""
-
-    def __init__(self, settings: ModelJudgeSettings, client: ChatClient) -> None:
-        self._judge = ModelJudgeClient(settings, client)
-
-    def refusal(self, query: str, sample: str) -> bool | None:
-        """The verdict on a *cleaned* sample (`trim_unfinished_tail`), None when unreadable."""
-        return self._judge.verdict(query, sample).refusal
-
-
 def sample_seed(config: LabelConfig, query_index: int, sample_index: int) -> int:
     """Seeded per query like the paper's set_seed(query_index); one seed per sample."""
     return config.seed + 1000 * query_index + sample_index
@@ -109,9 +97,9 @@ def chat_messages(condition: str, query: str) -> list[dict[str, str]]:
 # --- vLLM sampler ---------------------------------------------------------------------------------
 
 def sample_vllm(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done,
-                *, transport: httpx.BaseTransport | None = None, model_verdicts: ModelVerdicts | None = None) -> None:
+                *, transport: httpx.BaseTransport | None = None, model_judge: ModelJudgeClient | None = None) -> None:
     """Label `jobs` (condition, query_index, query, harmless) on a vLLM server; `on_done(record)` each,
-    in job order, on the calling thread. `transport` replaces the network (tests); `model_verdicts`
+    in job order, on the calling thread. `transport` replaces the network (tests); `model_judge`
     judges each sample as soon as it is drawn."""
     if not config.vllm_url or not config.served_model_name:
         raise ValueError("the vllm label backend needs label.vllm_url and label.served_model_name")
@@ -130,8 +118,8 @@ def sample_vllm(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], jud
                     **sampling.request_fields(harmless=harmless, seed=sample_seed(config, query_index, k)),
                     "stream_options": {"include_usage": True}}
             completion = client.stream_until(body, done)
-            verdict = (None if model_verdicts is None or abandoned.is_set()
-                       else model_verdicts.refusal(query, trim_unfinished_tail(completion.text)))
+            verdict = (None if model_judge is None or abandoned.is_set()
+                       else model_judge.verdict(query, trim_unfinished_tail(completion.text)).refusal)
             return completion.text, completion.completion_tokens, verdict
 
         pool = ThreadPoolExecutor(max_workers=config.concurrency)
@@ -141,7 +129,7 @@ def sample_vllm(config: LabelConfig, jobs: list[tuple[str, int, str, bool]], jud
                 answers = [future.result() for future in futures]
                 on_done(score_samples(condition, query_index, [text for text, _, _ in answers], judge, config.num_keep,
                                       [count for _, count, _ in answers],
-                                      None if model_verdicts is None else [verdict for _, _, verdict in answers]))
+                                      None if model_judge is None else [verdict for _, _, verdict in answers]))
         except BaseException:
             abandoned.set()
             raise
@@ -163,9 +151,9 @@ class _JudgeWindowStop:
 
 
 def sample_hf(config: LabelConfig, frozen, jobs: list[tuple[str, int, str, bool]], judge: Judge, on_done,
-              *, model_verdicts: ModelVerdicts | None = None) -> None:
+              *, model_judge: ModelJudgeClient | None = None) -> None:
     """Label `jobs` with HF `generate`: all samples of one query in one batched call, as the paper;
-    `model_verdicts` judges a query's samples after its call (`concurrency` judge requests at once)."""
+    `model_judge` judges a query's samples after its call (`concurrency` judge requests at once)."""
     from transformers import StoppingCriteriaList, set_seed
 
     tokenizer, model, sampling = frozen.tokenizer, frozen.model, config.sampling
@@ -187,8 +175,8 @@ def sample_hf(config: LabelConfig, frozen, jobs: list[tuple[str, int, str, bool]
         # Finished rows are padded; with pad = eos (most chat models) the eos itself is not counted.
         tokens = (generated != frozen.pad_id).sum(dim=1).tolist()
         verdicts = None
-        if model_verdicts is not None:
+        if model_judge is not None:
             with ThreadPoolExecutor(max_workers=config.concurrency) as pool:
-                verdicts = list(pool.map(lambda sample: model_verdicts.refusal(query, trim_unfinished_tail(sample)),
-                                         samples))
+                verdicts = [verdict.refusal for verdict in pool.map(
+                    lambda sample: model_judge.verdict(query, trim_unfinished_tail(sample)), samples)]
         on_done(score_samples(condition, query_index, samples, judge, config.num_keep, tokens, verdicts))

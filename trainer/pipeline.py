@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from safeprompt.files import sha256_file
 from safeprompt.judge import get_judge, judge_revision
-from safeprompt.judge import model_judge as model_judge_module
+from safeprompt.judge.model_judge import revision as model_judge_revision
 from trainer import store
 from trainer.balance import check_balance, measure_balance
 from trainer.config import RunConfig
@@ -65,7 +65,7 @@ def stage_keys(config: RunConfig) -> dict[str, dict]:
     if config.label.model_judge is not None:  # its model and settings, its prompt and reading, likewise
         label["model_judge"] = config.label.model_judge.model_dump(mode="json",
                                                                    exclude={"base_url", "api_key", "timeout_s"})
-        label["model_judge_revision"] = sha256_file(Path(model_judge_module.__file__))[:16]
+        label["model_judge_revision"] = model_judge_revision()
     extract = {**data, "extract": config.extract.model_dump(mode="json"), "conditions": list(config.label.conditions)}
     fit = {"label": label, "extract": extract, "fit": config.fit.model_dump(mode="json")}
     optimize = {"fit": fit, "optimize": config.optimize.model_dump(mode="json")}
@@ -114,7 +114,8 @@ def stage(name: str, output: Callable[[RunConfig], Path]):
 @stage("label", lambda config: config.run_dir / "labels.json")
 def run_label(config: RunConfig, show_progress: bool = True) -> Path:
     from safeprompt.client import ChatClient
-    from trainer.label import LabelRecord, ModelVerdicts, sample_hf, sample_vllm
+    from safeprompt.model_judge_client import ModelJudgeClient
+    from trainer.label import LabelRecord, sample_hf, sample_vllm
 
     run_dir, key = config.run_dir, stage_keys(config)["label"]
     out = run_dir / "labels.json"
@@ -148,7 +149,7 @@ def run_label(config: RunConfig, show_progress: bool = True) -> Path:
             bar.update(1)
 
         with contextlib.ExitStack() as stack:
-            verdicts = None
+            model_judge = None
             judge_model = config.label.model_judge
             if judge_model is not None:
                 key_env = config.label.model_judge_api_key_env
@@ -158,11 +159,11 @@ def run_label(config: RunConfig, show_progress: bool = True) -> Path:
                 client = stack.enter_context(ChatClient(judge_model.base_url, api_key=api_key,
                                                         timeout_s=judge_model.timeout_s,
                                                         max_connections=config.label.concurrency))
-                verdicts = ModelVerdicts(judge_model, client)
+                model_judge = ModelJudgeClient(judge_model, client)
             if config.label.backend == "vllm":
-                sample_vllm(config.label, jobs, judge, on_done, model_verdicts=verdicts)
+                sample_vllm(config.label, jobs, judge, on_done, model_judge=model_judge)
             else:
-                sample_hf(config.label, _load_frozen(config), jobs, judge, on_done, model_verdicts=verdicts)
+                sample_hf(config.label, _load_frozen(config), jobs, judge, on_done, model_judge=model_judge)
     conditions = list(config.label.conditions)
     soft = [[done[(c, i)]["soft_label"] for i in range(len(data.queries))] for c in conditions]
     records = [done[(c, i)] for c in conditions for i in range(len(data.queries))]

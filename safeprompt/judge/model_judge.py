@@ -26,9 +26,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from safeprompt.files import sha256_file
+from safeprompt.urls import normalise_base_url
 
 ModelJudgeFormat = Literal["ask", "wildguard"]
 TOP_LOGPROBS = 20
@@ -92,10 +96,27 @@ class ModelJudgeSettings(BaseModel):
     max_chars: int = Field(default=4000, ge=100)
     timeout_s: float = Field(default=60.0, gt=0)
 
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        normalise_base_url(value)  # ValueError: not http(s)
+        return value
+
     @property
     def name(self) -> str:
         """How reports and metrics name this judge: `model:<format>:<served model>`."""
         return f"model:{self.format}:{self.model}"
+
+    @property
+    def api_base(self) -> str:
+        """`base_url` ending in /v1, whichever way it was written."""
+        return normalise_base_url(self.base_url)
+
+
+def revision() -> str:
+    """A digest of this module's source: the judge's prompts and how its answers are read. Verdict caches
+    and the trainer's label fingerprint carry it, so a changed prompt judges again."""
+    return sha256_file(Path(__file__))[:16]
 
 
 @dataclass(frozen=True)

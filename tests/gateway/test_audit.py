@@ -34,10 +34,11 @@ from starlette.routing import Route
 
 from gateway.accounting import Accounting
 from gateway.app import build_app
-from gateway.audit import Auditor, judge_base_url
+from gateway.audit import Auditor
 from gateway.prometheus import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest
 from gateway.service import build_service
+from safeprompt.judge.model_judge import ModelJudgeSettings
 from gateway.settings import AuditSettings, ModelConfig, Settings
 from gateway.telemetry import AUDIT_FAILURE_REASONS, RequestRecord
 from gateway.variants import ServedModel, Variant
@@ -297,7 +298,7 @@ def test_only_sampled_requests_reach_the_judge(vllm_server, judge_url) -> None:
 
 def test_base_url_with_or_without_v1() -> None:
     urls = ("http://j:8000", "http://j:8000/", "http://j:8000/v1", "http://j:8000/v1/")
-    assert {judge_base_url(url) for url in urls} == {"http://j:8000/v1"}
+    assert {ModelJudgeSettings(base_url=url, model="guard").api_base for url in urls} == {"http://j:8000/v1"}
 
 
 # --- the request's side, without HTTP ---------------------------------------------------------------

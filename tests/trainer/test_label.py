@@ -203,23 +203,23 @@ def test_hf_sampler_with_a_judge_model_on_the_real_server(frozen, vllm_server):
     """The real vLLM server (tiny model, forced to Yes/No) judges the HF sampler's samples: one readable
     verdict per cleaned sample, and the soft label follows those verdicts."""
     from safeprompt.client import ChatClient
-    from safeprompt.judge.model_judge import ModelJudgeSettings
-    from trainer.label import ModelVerdicts
+    from safeprompt.judge.model_judge import ModelJudgeSettings, ModelVerdict
+    from safeprompt.model_judge_client import ModelJudgeClient
 
     settings = ModelJudgeSettings(base_url=vllm_server.base_url, model=vllm_server.served_name, max_chars=300)
     config = LabelConfig(backend="hf", num_samples=3, num_keep=3, min_new_tokens=4, max_new_tokens_harmful=8,
                          model_judge=settings)
     asked: list[tuple[str, str]] = []
 
-    class Recording(ModelVerdicts):
-        def refusal(self, query: str, sample: str) -> bool | None:
-            asked.append((query, sample))
-            return super().refusal(query, sample)
+    class Recording(ModelJudgeClient):
+        def verdict(self, query: str, answer: str) -> ModelVerdict:
+            asked.append((query, answer))
+            return super().verdict(query, answer)
 
     records: list[LabelRecord] = []
     with ChatClient(vllm_server.base_url, max_connections=2) as client:
         sample_hf(config, frozen, [("none", 0, "How do I pick a lock?", False)], ClosesAfterFirstWord(),
-                  records.append, model_verdicts=Recording(settings, client))
+                  records.append, model_judge=Recording(settings, client))
     [record] = records
     assert sorted(asked) == sorted(("How do I pick a lock?", sample) for sample in record.samples)
     assert record.unknown == 0
