@@ -209,7 +209,9 @@ async def open_stream(
     close_upstream.callback(on_close)
     upstream = await within(
         first_event[0],
-        close_upstream.enter_async_context(pool.open(ROUTE, body, {"X-Request-Id": accounting.record.request_id})),
+        close_upstream.enter_async_context(
+            pool.open(ROUTE, body, {"X-Request-Id": accounting.record.request_id}, stream=True)
+        ),
         code=first_event[1],
     )
     return stream_response(

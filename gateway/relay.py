@@ -26,6 +26,7 @@ from gateway.deadlines import WHOLE_REQUEST, bounded
 from gateway.errors import error_sse, to_gateway_error
 from gateway.sse import DONE_EVENT, encode_event
 from gateway.upstream import UpstreamResponse
+from gateway.watchdog import StallWatchdog
 
 
 def rewrite_chunk(chunk: dict[str, Any], *, model_id: str, include_usage: bool) -> dict[str, Any] | None:
@@ -106,12 +107,13 @@ class ClosingStreamingResponse(StreamingResponse):
         self.on_too_slow = on_too_slow
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a streaming response needs a running task")
         if self.write_timeout_s is None:
             timed_send, watchdog = send, None
         else:
-            # One timer per stream, not one per write: `asyncio.timeout` around every send cost as
-            # much CPU as relaying the event (docs/performance.md, paced relay).
-            watchdog = WriteWatchdog(self.write_timeout_s)
+            watchdog = StallWatchdog(self.write_timeout_s, task.cancel)  # one timer per stream, not per write
 
             async def timed_send(message: Any) -> None:
                 watchdog.pending_since = watchdog.loop.time()
@@ -123,7 +125,7 @@ class ClosingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, timed_send)
         except asyncio.CancelledError:
-            if watchdog is None or not watchdog.cut or watchdog.task.uncancel() > 0:
+            if watchdog is None or not watchdog.stalled or task.uncancel() > 0:
                 raise
             self.on_too_slow()  # the response is left incomplete: the server closes the connection
         finally:
@@ -132,41 +134,6 @@ class ClosingStreamingResponse(StreamingResponse):
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-
-class WriteWatchdog:
-    """Cancels the task it was made in once one write has waited `timeout_s` for the client.
-
-    The stream marks a write with `pending_since` (the loop's time when it began; None between
-    writes); a single timer looks at it at most once per `timeout_s` and at the pending write's own
-    deadline, so a write that never completes is cut exactly `timeout_s` after it began.
-    """
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("WriteWatchdog needs a running task")
-        self.task: asyncio.Task[Any] = task
-        self.pending_since: float | None = None
-        self.cut = False
-        self._timer = self.loop.call_later(timeout_s, self._check)
-
-    def _check(self) -> None:
-        now = self.loop.time()
-        if self.pending_since is None:
-            self._timer = self.loop.call_later(self.timeout_s, self._check)
-            return
-        deadline = self.pending_since + self.timeout_s
-        if now < deadline:
-            self._timer = self.loop.call_at(deadline, self._check)
-            return
-        self.cut = True
-        self.task.cancel()
-
-    def stop(self) -> None:
-        self._timer.cancel()
 
 
 def stream_response(

@@ -168,9 +168,10 @@ class Settings(BaseSettings):
     # URLs and errors, models; without it only the status): for Prometheus and operators, not
     # clients. None = both open, as a loopback `make serve` needs. printf %s TOKEN | sha256sum
     metrics_token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-    connect_timeout_s: float = 5.0
-    # Longest silence allowed between two bytes from vLLM (a non-streaming answer is one wait).
-    read_timeout_s: float = 300.0
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Longest silence allowed between two bytes from vLLM, from the moment the request is sent (a
+    # non-streaming answer is one wait; a stream's first wait includes connecting and sending).
+    read_timeout_s: float = Field(default=300.0, gt=0)
     health_interval_s: float = 5.0
     # Ejection (gateway.upstream): a connection failure, or eject_after_5xx 5xx answers in a row, takes
     # an upstream out for eject_base_s, doubling with each ejection in a row up to eject_max_s; its

@@ -36,9 +36,9 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -53,8 +53,10 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.sse import EventParser, IncompleteStream
+from gateway.watchdog import StallWatchdog
 
 logger = logging.getLogger("gateway.upstream")
+T = TypeVar("T")
 
 # Errors raised before any response byte arrived, when the server closed a pooled keep-alive
 # connection just as it was reused, refused the connection or did not accept it in time, or the
@@ -138,11 +140,14 @@ class UpstreamResponse:
     """An upstream answer whose headers arrived (status < 400) and whose body is still unread.
 
     `waited_s` is the time spent waiting on vLLM so far: until the headers, plus every body read.
+    `silence_s`: the longest wait for a stream's next bytes, bounded by a `StallWatchdog` in
+    `event_batches`; None when aiohttp's own read timeout bounds every read (whole answers).
     """
 
-    def __init__(self, response: aiohttp.ClientResponse, waited_s: float) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, waited_s: float, *, silence_s: float | None = None) -> None:
         self._response = response
         self.waited_s = waited_s
+        self.silence_s = silence_s
 
     async def read_json(self, *, max_bytes: int) -> dict[str, Any]:
         """The whole answer as a JSON object (a non-streaming completion).
@@ -183,13 +188,20 @@ class UpstreamResponse:
         one list per network read, so that what arrived together is relayed together.
 
         A stream that stops early or carries an unreadable event raises UpstreamDisconnected, a
-        silence longer than the read timeout UpstreamTimeout.
+        wait longer than the read timeout for the next bytes UpstreamTimeout.
         """
         parser = EventParser()
         content = self._response.content
+        loop = asyncio.get_running_loop()
+        watchdog = None
+        if self.silence_s is not None:
+            # Ends a silent read the way aiohttp's sock_read would: the pending read raises.
+            watchdog = StallWatchdog(self.silence_s, lambda: content.set_exception(aiohttp.SocketTimeoutError()))
         try:
             while not parser.done:
-                started = time.perf_counter()
+                started = loop.time()
+                if watchdog is not None:
+                    watchdog.pending_since = started
                 try:
                     data = await content.readany()  # all that has arrived; b"" at the end of the body
                 except (aiohttp.ClientError, OSError) as exc:
@@ -199,12 +211,17 @@ class UpstreamResponse:
                         dropped_message="vLLM dropped the connection in the middle of the answer",
                     ) from None
                 finally:
-                    self.waited_s += time.perf_counter() - started
+                    self.waited_s += loop.time() - started
+                    if watchdog is not None:
+                        watchdog.pending_since = None
                 events = parser.feed(data) if data else parser.close()
                 if events:
                     yield events
         except IncompleteStream:
             raise UpstreamDisconnected("vLLM ended the stream before it was complete") from None
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
 
 
 class UpstreamPool:
@@ -222,6 +239,13 @@ class UpstreamPool:
         self.ejection = ejection
         self._clock = clock  # for ejection cooldowns (injected by tests)
         self._config = config
+        # No total: a stream may last as long as its deadlines allow (gateway.deadlines). A stream's
+        # reads are bounded by one watchdog (UpstreamResponse.event_batches) instead of aiohttp's
+        # sock_read, which cancels and re-arms a timer on every read.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout_s, sock_read=config.read_timeout_s
+        )
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s, sock_read=None)
         self._session: aiohttp.ClientSession | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._free: asyncio.Semaphore | None = None  # connections left in the request pool
@@ -242,10 +266,7 @@ class UpstreamPool:
         self._session = build_session(
             config,
             max_connections=config.max_connections,
-            # No total: a stream may last as long as its deadlines allow (gateway.deadlines).
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=config.connect_timeout_s, sock_read=config.read_timeout_s
-            ),
+            timeout=self._timeout,
         )
         self._health_session = build_session(
             config, max_connections=4 * len(self.upstreams), timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
@@ -377,14 +398,17 @@ class UpstreamPool:
             free.release()
 
     @contextlib.asynccontextmanager
-    async def open(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[UpstreamResponse]:
+    async def open(
+        self, path: str, body: dict[str, Any], headers: dict[str, str], *, stream: bool = False
+    ) -> AsyncIterator[UpstreamResponse]:
         """POST `body` and yield the answer once its headers arrived, body unread.
 
         Tries each candidate upstream once for failures that happen before any response byte;
         the response is released on exit: its connection goes back to the pool when the body was
         read to the end, and is closed otherwise (closing a stream makes vLLM abort the request).
         Raises UpstreamUnavailable, GatewayOverloaded, UpstreamTimeout, UpstreamRejected (4xx) or
-        UpstreamFailed.
+        UpstreamFailed. `stream`: the answer is read with `event_batches` (its reads are bounded
+        by one watchdog; the wait for its headers, and for an error's body, by a timer; all `read_timeout_s`).
         """
         payload = orjson.dumps(body)
         request_headers = {"Content-Type": "application/json", **headers}
@@ -395,8 +419,16 @@ class UpstreamPool:
             for upstream in candidates:
                 started = time.perf_counter()
                 try:
-                    response = await session.post(
-                        f"{upstream.url}{path}", data=payload, headers=request_headers, allow_redirects=False
+                    response = await self._unless_silent(
+                        session.post(
+                            f"{upstream.url}{path}",
+                            data=payload,
+                            headers=request_headers,
+                            allow_redirects=False,
+                            timeout=self._stream_timeout if stream else self._timeout,
+                        ),
+                        stream=stream,
+                        url=upstream.url,
                     )
                 except aiohttp.SocketTimeoutError:  # read timeout while waiting for the headers
                     raise UpstreamTimeout(f"vLLM at {upstream.url} did not answer in time") from None
@@ -415,8 +447,11 @@ class UpstreamPool:
                 self._answered(upstream, response.status)
                 try:
                     if response.status >= 400:
-                        await raise_for_upstream_status(response)
-                    yield UpstreamResponse(response, waited_s)
+                        await raise_for_upstream_status(
+                            response, read_timeout_s=self._config.read_timeout_s if stream else None
+                        )
+                    silence_s = self._config.read_timeout_s if stream else None
+                    yield UpstreamResponse(response, waited_s, silence_s=silence_s)
                 finally:
                     response.release()
                 return
@@ -425,12 +460,29 @@ class UpstreamPool:
             retry_after_s=math.ceil(self.health_interval_s),
         )
 
+    async def _unless_silent(self, awaitable: Awaitable[T], *, stream: bool, url: str) -> T:
+        """`awaitable`, the wait for vLLM's headers; for a stream (its request carries no sock_read)
+        bounded by one timer of `read_timeout_s`, UpstreamTimeout when it passes."""
+        if not stream:
+            return await awaitable
+        timer = asyncio.timeout(self._config.read_timeout_s)
+        try:
+            async with timer:
+                return await awaitable
+        except TimeoutError:
+            if not timer.expired():
+                raise
+        raise UpstreamTimeout(f"vLLM at {url} did not answer in time")
 
-async def raise_for_upstream_status(response: aiohttp.ClientResponse) -> None:
-    """Turn a vLLM error response into the gateway error that passes its status and message on."""
+
+async def raise_for_upstream_status(response: aiohttp.ClientResponse, *, read_timeout_s: float | None = None) -> None:
+    """Turn a vLLM error response into the gateway error that passes its status and message on.
+    `read_timeout_s` bounds reading the error's body where aiohttp's sock_read does not (streams);
+    a body not read in time, like an unreadable one, leaves the status alone to speak."""
     try:
-        body = orjson.loads(await response.read())
-    except (orjson.JSONDecodeError, aiohttp.ClientError, OSError):
+        async with asyncio.timeout(read_timeout_s):
+            body = orjson.loads(await response.read())
+    except (orjson.JSONDecodeError, aiohttp.ClientError, OSError):  # OSError: TimeoutError too
         body = {}
     if not isinstance(body, dict):
         body = {}

@@ -38,3 +38,11 @@ def test_settings_from_yaml_and_environment(tmp_path: Path, monkeypatch: pytest.
 def test_allow_forced_artifacts_must_name_an_artifact() -> None:
     with pytest.raises(ValidationError, match="not an artifact variant"):
         ModelConfig(name="m", allow_forced_artifacts=["dro"])
+
+
+@pytest.mark.parametrize("field", ["connect_timeout_s", "read_timeout_s"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_upstream_timeouts_must_be_positive(field: str, value: float) -> None:
+    """aiohttp would take 0 as "no timeout"; the gateway refuses it at start-up instead."""
+    with pytest.raises(ValidationError, match=field):
+        Settings(upstream_urls=["http://a:1"], models=[{"name": "m"}], **{field: value})

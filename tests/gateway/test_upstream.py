@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from gateway import upstream as upstream_module
 from gateway.errors import (
     GatewayOverloaded,
     UpstreamDisconnected,
+    UpstreamFailed,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -45,15 +47,16 @@ def _pool(*servers: ScriptedUpstream, **config: Any) -> UpstreamPool:
 
 def _run(pool: UpstreamPool, read: Callable[..., Any], *, after_start: Callable[[], None] = lambda: None,
          hung_up: ScriptedUpstream | None = None) -> Any:
-    """Start the pool, call `after_start()`, POST once, read the answer with `read(upstream)`, stop the
-    pool. With `hung_up`, that server must have seen its request closed before the pool stops (which
-    closes every connection)."""
+    """Start the pool, call `after_start()`, POST once (as a stream unless `read` is `_json`), read the
+    answer with `read(upstream)`, stop the pool. With `hung_up`, that server must have seen its request
+    closed before the pool stops (which closes every connection)."""
     async def go() -> Any:
         await pool.start()
         try:
             after_start()
             try:
-                async with pool.open("/v1/chat/completions", {"model": "m"}, {"X-Request-Id": "r"}) as upstream:
+                async with pool.open("/v1/chat/completions", {"model": "m"}, {"X-Request-Id": "r"},
+                                     stream=read is not _json) as upstream:
                     return await read(upstream)
             finally:
                 if hung_up is not None:
@@ -126,12 +129,46 @@ def test_failures_while_reading_become_gateway_errors(running, then: str, expect
         _run(_pool(server, read_timeout_s=0.2), read, hung_up=server if then == "stall" else None)
 
 
-def test_no_answer_within_the_read_timeout_is_a_timeout_and_closes_vllms_request(running) -> None:
+@pytest.mark.parametrize("read", [_events, _json], ids=["stream", "whole"])
+def test_no_answer_within_the_read_timeout_is_a_timeout_and_closes_vllms_request(running, read) -> None:
+    """(A stream's opening has a timer of its own: its request carries no aiohttp read timeout.)"""
     server = _serve(running, lambda request: Reply(first="hang"))
     pool = _pool(server, read_timeout_s=0.2)
     with pytest.raises(UpstreamTimeout, match="did not answer in time"):
-        _run(pool, _json, hung_up=server)
+        _run(pool, read, hung_up=server)
     assert pool.upstreams[0].healthy  # a slow answer is not a dead server
+
+
+@pytest.mark.parametrize("read", [_events, _json], ids=["stream", "whole"])
+def test_an_error_whose_body_never_ends_is_reported_by_its_status_after_the_read_timeout(running, read) -> None:
+    server = _serve(running, lambda request: Reply(500, parts=[b'{"error": '], then="stall"))
+    started = time.monotonic()
+    with pytest.raises(UpstreamFailed, match="HTTP 500"):
+        _run(_pool(server, read_timeout_s=0.2), read, hung_up=server)
+    assert 0.2 <= time.monotonic() - started < 5
+
+
+def test_a_stream_is_cut_by_one_silence_not_by_its_length(running) -> None:
+    """The read timeout bounds each wait for the stream's next bytes: a stream that lasts many read
+    timeouts with shorter gaps is relayed whole; a gap longer than the read timeout ends it."""
+    steady = _serve(running, lambda request: Reply(
+        parts=[b'data: {"n": %d}\n\n' % index for index in range(12)] + [b"data: [DONE]\n\n"],
+        part_delay_s=0.05))
+    assert _run(_pool(steady, read_timeout_s=0.2), _events) == [{"n": index} for index in range(12)]
+
+    silent = _serve(running, lambda request: Reply(parts=[b'data: {"n": 0}\n\n', b'data: {"n": 1}\n\n'],
+                                                   then="stall"))  # silent after two events, until the client leaves
+    received: list[dict] = []
+
+    async def read(upstream) -> None:
+        async for batch in upstream.event_batches():
+            received.extend(batch)
+
+    started = time.monotonic()
+    with pytest.raises(UpstreamTimeout, match="stopped sending"):
+        _run(_pool(silent, read_timeout_s=0.3), read, hung_up=silent)
+    assert received == [{"n": 0}, {"n": 1}]
+    assert time.monotonic() - started >= 0.3  # not before the silence reached the read timeout
 
 
 def test_events_end_at_done_and_a_cut_stream_is_a_disconnect(running) -> None:
