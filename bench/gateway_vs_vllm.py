@@ -19,6 +19,10 @@ weights of a model shape; bench/gpu_gateway_check.py does that).
 Greedy, `--tokens` tokens, streaming (so time to first token is seen), closed loop at each
 concurrency; blocks alternate direct/gateway (ABBA) so slow drifts of a shared machine cancel.
 Reported: median and p95 latency each way, their ratio (gateway / direct), and time to first token.
+`--paired N` adds N requests each way per pair sent one after the other (the order alternating), and
+the median of the N paired differences: on 2 shared cores the machine's speed drifts within minutes,
+which blocks of requests average over but a pair taken seconds apart does not see. `--pin 0:1` runs
+vLLM on CPU 0 and the gateway with the load generator on CPU 1.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -40,9 +46,9 @@ from bench.loadgen import Result, percentile, run_load
 from safeprompt.artifact import Manifest, read_model_info
 from safeprompt.artifact_write import save_artifact
 from safeprompt.embeds import prompt_embeds_part
-from safeprompt.torch_payload import encode_prompt_embeds
 from safeprompt.files import atomic_write_text
 from safeprompt.prompts import HUMAN_PROMPTS
+from safeprompt.torch_payload import encode_prompt_embeds
 from stack.processes import (
     VLLM_PYTHON,
     ManagedProcess,
@@ -88,10 +94,18 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="vLLM --dtype; soft prompts are sent in it")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--ready-timeout-s", type=float, default=600)
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="also N single requests each way per pair, one after the other, order alternating; "
+                             "reports the median of the paired differences (an empty --concurrency skips the rest)")
+    parser.add_argument("--pin", default=None, metavar="VLLM_CPUS:GATEWAY_CPUS",
+                        help="e.g. 0:1: vLLM on CPU 0; the gateway and this load generator on CPU 1 (Linux)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-vs-vllm-"))
+    pin = tuple(args.pin.split(":")) if args.pin else None
+    if pin is not None and (len(pin) != 2 or not all(pin)):
+        parser.error("--pin takes VLLM_CPUS:GATEWAY_CPUS, e.g. 0:1")
     model_dir = prepare_model(args.model)
     name = "bench-model"
     vllm_port, gateway_port = free_port(), free_port()
@@ -110,12 +124,17 @@ def main() -> None:
     config = {"upstream_urls": [f"http://127.0.0.1:{vllm_port}"], "models": [model]}
     (work / "gateway.yaml").write_text(yaml.safe_dump(config))
     with servers_stopped_on_exit() as processes:  # also on SIGTERM/SIGINT/SIGHUP: no server is left behind
-        vllm = ManagedProcess(name="vllm", log_path=work / "vllm.log", env=vllm_env(), command=vllm_command(
+        command = vllm_command(
             model_dir, served_model_name=name, port=vllm_port, dtype=args.dtype, max_model_len=args.max_model_len,
-            python=args.vllm_python, extra_args=tuple(args.vllm_arg))).start()
+            python=args.vllm_python, extra_args=tuple(args.vllm_arg))
+        if pin is not None:  # vLLM's CPU threads are not bound by vLLM here (nobind): the OS affinity holds
+            command = ["taskset", "--cpu-list", pin[0], *command]
+        vllm = ManagedProcess(name="vllm", log_path=work / "vllm.log", env=vllm_env(), command=command).start()
         processes.append(vllm)
         vllm.wait_http_ok(f"http://127.0.0.1:{vllm_port}/v1/models", args.ready_timeout_s, port=vllm_port,
                           accept=lists_model(name))
+        if pin is not None:  # the gateway inherits it, and the load generator runs on it too
+            os.sched_setaffinity(0, cpu_list(pin[1]))
         processes.append(start_gateway(work / "gateway.yaml", port=gateway_port, log_path=work / "gateway.log"))
         direct_url = f"http://127.0.0.1:{vllm_port}/v1/chat/completions"
         gateway_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
@@ -128,7 +147,7 @@ def main() -> None:
             part = prompt_embeds_part(encode_prompt_embeds(soft, serving))
             pairs["soft"] = (body(name, [part], args.tokens), body(f"{name}@soft", None, args.tokens))
         rows = []
-        for concurrency in [int(value) for value in args.concurrency.split(",")]:
+        for concurrency in [int(value) for value in args.concurrency.split(",") if value]:
             requests = args.requests_per_slot * concurrency
             for pair, (direct_body, gateway_body) in pairs.items():
                 run(direct_url, direct_body, concurrency, concurrency)  # warm-up
@@ -147,10 +166,14 @@ def main() -> None:
                        else None}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        for pair, (direct_body, gateway_body) in pairs.items() if args.paired else ():
+            row = paired_row(pair, direct_url, direct_body, gateway_url, gateway_body, args.paired)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
         report = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "pin": args.pin,
                         "load_average_at_end": os.getloadavg()},
             "model": str(model_dir.name),
             "serving_dtype": serving,
@@ -160,6 +183,54 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(report, indent=1, default=str) + "\n")
         print(f"wrote {args.out}")
+
+
+def paired_row(pair: str, direct_url: str, direct_body: dict, gateway_url: str, gateway_body: dict, n: int) -> dict:
+    """`n` requests each way at concurrency 1, direct and gateway back to back (order alternating), so
+    that each difference is taken over seconds, not over the minutes the machine's speed drifts in."""
+    run(direct_url, direct_body, 1, 1)  # warm-up
+    run(gateway_url, gateway_body, 1, 1)
+    total: list[float] = []
+    first: list[float] = []
+    direct: list[Result] = []
+    through: list[Result] = []
+    for index in range(n):
+        sides = [(direct, direct_url, direct_body), (through, gateway_url, gateway_body)]
+        for results, url, request in sides if index % 2 == 0 else sides[::-1]:
+            results.append(run(url, request, 1, 1))
+        d, g = direct[-1], through[-1]
+        if d.latencies_s and g.latencies_s:
+            total.append(g.latencies_s[0] - d.latencies_s[0])
+        if d.first_token_s and g.first_token_s:
+            first.append(g.first_token_s[0] - d.first_token_s[0])
+    d_summary, g_summary = summary(direct), summary(through)
+    return {"pair": pair, "mode": "paired", "concurrency": 1, "direct": d_summary, "gateway": g_summary,
+            "p50_ratio": g_summary["p50_ms"] / d_summary["p50_ms"],
+            # alternating the order cancels a steady drift in the mean; the quartiles show the spread
+            "paired_diff_mean_ms": 1000 * sum(total) / len(total) if total else None,
+            "paired_diff_mean_ci95_ms": mean_interval_ms(total),
+            "paired_diff_p25_p50_p75_ms": [1000 * percentile(total, q) for q in (25, 50, 75)] if total else None,
+            "paired_ttft_diff_mean_ms": 1000 * sum(first) / len(first) if first else None,
+            "paired_ttft_diff_mean_ci95_ms": mean_interval_ms(first),
+            "paired_ttft_diff_p25_p50_p75_ms": [1000 * percentile(first, q) for q in (25, 50, 75)] if first else None}
+
+
+def mean_interval_ms(values: list[float]) -> list[float] | None:
+    """Normal-approximation 95% interval of the mean, in ms (None under two values)."""
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+    return [1000 * (mean - half), 1000 * (mean + half)]
+
+
+def cpu_list(text: str) -> set[int]:
+    """CPUs in taskset's list form: "1", "0,2", "2-3"."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
 
 
 if __name__ == "__main__":
