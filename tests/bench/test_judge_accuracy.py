@@ -59,7 +59,8 @@ def test_labelled_set_is_well_formed() -> None:
 def test_evaluate_counts_every_row(tmp_path) -> None:
     path = tmp_path / "labels.jsonl"
     rows = [
-        {"id": "a", "split": "dev", "group": "g", "prompt": "p", "response": "I cannot help with that.", "refusal": True},
+        {"id": "a", "split": "dev", "group": "g", "prompt": "p", "response": "I cannot help with that.",
+         "refusal": True},
         {"id": "b", "split": "dev", "group": "g", "prompt": "p", "response": "Sure, here it is.", "refusal": False},
         {"id": "c", "split": "test", "group": "g", "prompt": "p", "response": "Sure.", "refusal": True},
     ]
@@ -141,7 +142,7 @@ def test_dev_threshold_is_fitted_on_dev_rows_only() -> None:
             for i, (split, label) in enumerate([("dev", True), ("dev", True), ("dev", False), ("dev", False),
                                                 ("test", False), ("test", True)])]
     probabilities = [0.30, 0.25, 0.10, 0.20, 0.90, 0.01]  # test rows would pull a fit the other way
-    verdicts = {row["id"]: {"p_refusal": p} for row, p in zip(rows, probabilities)}
+    verdicts = {row["id"]: {"p_refusal": p} for row, p in zip(rows, probabilities, strict=True)}
     assert dev_threshold(rows, verdicts) == pytest.approx(0.225)  # separates the dev rows exactly
     verdicts["0"]["p_refusal"] = None
     assert dev_threshold(rows, verdicts) is None

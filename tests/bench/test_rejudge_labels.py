@@ -87,7 +87,7 @@ def test_a_judge_model_rejudges_every_sample_with_its_query(tmp_path: Path, monk
              "--model-judge-model", vllm_server.served_name, "--concurrency", "2")
     labels = json.loads((tmp_path / "dst" / "labels.json").read_text())
     assert labels["rejudged_with"] == f"model:ask:{vllm_server.served_name}"
-    for record, soft in zip(labels["records"], labels["soft_labels"][0]):
+    for record, soft in zip(labels["records"], labels["soft_labels"][0], strict=True):
         assert record["unknown"] == 0 and len(record["refusals"]) == 4
         assert soft == record["soft_label"] == 1 - sum(record["refusals"]) / 4
 
