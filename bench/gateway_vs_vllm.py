@@ -20,7 +20,8 @@ Greedy, `--tokens` tokens, streaming (so time to first token is seen), closed lo
 concurrency; blocks alternate direct/gateway (ABBA) so slow drifts of a shared machine cancel.
 Reported: median and p95 latency each way, their ratio (gateway / direct), and time to first token.
 `--paired N` adds N requests each way per pair sent one after the other (the order alternating), and
-the median of the N paired differences: on 2 shared cores the machine's speed drifts within minutes,
+the mean of the N paired differences (gateway - direct) with its 95% interval, and their quartiles:
+on 2 shared cores the machine's speed drifts within minutes,
 which blocks of requests average over but a pair taken seconds apart does not see. `--pin 0:1` runs
 vLLM on CPU 0 and the gateway with the load generator on CPU 1.
 """
@@ -77,7 +78,8 @@ def summary(results: list[Result]) -> dict:
     latencies = [value for result in results for value in result.latencies_s]
     first = [value for result in results for value in result.first_token_s]
     return {"requests": len(latencies), "errors": sum(len(result.errors) for result in results),
-            "p50_ms": 1000 * percentile(latencies, 50), "p95_ms": 1000 * percentile(latencies, 95),
+            "p50_ms": 1000 * percentile(latencies, 50) if latencies else None,
+            "p95_ms": 1000 * percentile(latencies, 95) if latencies else None,
             "ttft_p50_ms": 1000 * percentile(first, 50) if first else None}
 
 
@@ -96,13 +98,16 @@ def main() -> None:
     parser.add_argument("--ready-timeout-s", type=float, default=600)
     parser.add_argument("--paired", type=int, default=0, metavar="N",
                         help="also N single requests each way per pair, one after the other, order alternating; "
-                             "reports the median of the paired differences (an empty --concurrency skips the rest)")
+                             "reports the paired differences' mean with a 95%% interval (N >= 30: a normal "
+                             "approximation) and quartiles; an empty --concurrency skips the rest")
     parser.add_argument("--pin", default=None, metavar="VLLM_CPUS:GATEWAY_CPUS",
                         help="e.g. 0:1: vLLM on CPU 0; the gateway and this load generator on CPU 1 (Linux)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-vs-vllm-"))
+    if args.paired and args.paired < 30:
+        parser.error("--paired takes 0 or at least 30 pairs (its interval is a normal approximation)")
     pin = tuple(args.pin.split(":")) if args.pin else None
     if pin is not None and (len(pin) != 2 or not all(pin)):
         parser.error("--pin takes VLLM_CPUS:GATEWAY_CPUS, e.g. 0:1")
@@ -204,15 +209,24 @@ def paired_row(pair: str, direct_url: str, direct_body: dict, gateway_url: str, 
         if d.first_token_s and g.first_token_s:
             first.append(g.first_token_s[0] - d.first_token_s[0])
     d_summary, g_summary = summary(direct), summary(through)
+    both = d_summary["p50_ms"] and g_summary["p50_ms"]
     return {"pair": pair, "mode": "paired", "concurrency": 1, "direct": d_summary, "gateway": g_summary,
-            "p50_ratio": g_summary["p50_ms"] / d_summary["p50_ms"],
+            "pairs": n, "pairs_with_a_failed_side": n - len(total),
+            "p50_ratio": g_summary["p50_ms"] / d_summary["p50_ms"] if both else None,
             # alternating the order cancels a steady drift in the mean; the quartiles show the spread
             "paired_diff_mean_ms": 1000 * sum(total) / len(total) if total else None,
             "paired_diff_mean_ci95_ms": mean_interval_ms(total),
-            "paired_diff_p25_p50_p75_ms": [1000 * percentile(total, q) for q in (25, 50, 75)] if total else None,
+            "paired_diff_p25_p50_p75_ms": quartiles_ms(total),
             "paired_ttft_diff_mean_ms": 1000 * sum(first) / len(first) if first else None,
             "paired_ttft_diff_mean_ci95_ms": mean_interval_ms(first),
-            "paired_ttft_diff_p25_p50_p75_ms": [1000 * percentile(first, q) for q in (25, 50, 75)] if first else None}
+            "paired_ttft_diff_p25_p50_p75_ms": quartiles_ms(first)}
+
+
+def quartiles_ms(values: list[float]) -> list[float] | None:
+    """First quartile, median and third quartile in ms (interpolated; None under two values)."""
+    if len(values) < 2:
+        return None
+    return [1000 * value for value in statistics.quantiles(values, n=4, method="inclusive")]
 
 
 def mean_interval_ms(values: list[float]) -> list[float] | None:

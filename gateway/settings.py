@@ -169,8 +169,9 @@ class Settings(BaseSettings):
     # clients. None = both open, as a loopback `make serve` needs. printf %s TOKEN | sha256sum
     metrics_token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     connect_timeout_s: float = Field(default=5.0, gt=0)
-    # Longest silence allowed between two bytes from vLLM, from the moment the request is sent (a
-    # non-streaming answer is one wait; a stream's first wait includes connecting and sending).
+    # Longest wait for vLLM's next bytes once the request is sent: for the headers, for a whole
+    # answer, and for each read of a stream (timed while the gateway waits on vLLM, not while it
+    # writes to a slow client, which client_write_timeout_s bounds).
     read_timeout_s: float = Field(default=300.0, gt=0)
     health_interval_s: float = 5.0
     # Ejection (gateway.upstream): a connection failure, or eject_after_5xx 5xx answers in a row, takes

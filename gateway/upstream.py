@@ -36,9 +36,9 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import orjson
@@ -56,7 +56,6 @@ from gateway.sse import EventParser, IncompleteStream
 from gateway.watchdog import StallWatchdog
 
 logger = logging.getLogger("gateway.upstream")
-T = TypeVar("T")
 
 # Errors raised before any response byte arrived, when the server closed a pooled keep-alive
 # connection just as it was reused, refused the connection or did not accept it in time, or the
@@ -194,14 +193,24 @@ class UpstreamResponse:
         content = self._response.content
         loop = asyncio.get_running_loop()
         watchdog = None
+        received_before = 0  # bytes of the body received when the pending read began
+
+        def stop_silent_read() -> bool:
+            """Ends the pending read the way aiohttp's sock_read would (it raises), unless bytes came
+            in the same loop turn as the timer, before the reading task could run."""
+            if content.total_bytes != received_before or content.is_eof():
+                return False
+            content.set_exception(aiohttp.SocketTimeoutError())
+            return True
+
         if self.silence_s is not None:
-            # Ends a silent read the way aiohttp's sock_read would: the pending read raises.
-            watchdog = StallWatchdog(self.silence_s, lambda: content.set_exception(aiohttp.SocketTimeoutError()))
+            watchdog = StallWatchdog(self.silence_s, stop_silent_read)
         try:
             while not parser.done:
                 started = loop.time()
                 if watchdog is not None:
                     watchdog.pending_since = started
+                    received_before = content.total_bytes
                 try:
                     data = await content.readany()  # all that has arrived; b"" at the end of the body
                 except (aiohttp.ClientError, OSError) as exc:
@@ -239,13 +248,6 @@ class UpstreamPool:
         self.ejection = ejection
         self._clock = clock  # for ejection cooldowns (injected by tests)
         self._config = config
-        # No total: a stream may last as long as its deadlines allow (gateway.deadlines). A stream's
-        # reads are bounded by one watchdog (UpstreamResponse.event_batches) instead of aiohttp's
-        # sock_read, which cancels and re-arms a timer on every read.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout_s, sock_read=config.read_timeout_s
-        )
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s, sock_read=None)
         self._session: aiohttp.ClientSession | None = None
         self._health_session: aiohttp.ClientSession | None = None
         self._free: asyncio.Semaphore | None = None  # connections left in the request pool
@@ -266,7 +268,10 @@ class UpstreamPool:
         self._session = build_session(
             config,
             max_connections=config.max_connections,
-            timeout=self._timeout,
+            # No total: a stream may last as long as its deadlines allow (gateway.deadlines).
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=config.connect_timeout_s, sock_read=config.read_timeout_s
+            ),
         )
         self._health_session = build_session(
             config, max_connections=4 * len(self.upstreams), timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
@@ -407,8 +412,8 @@ class UpstreamPool:
         the response is released on exit: its connection goes back to the pool when the body was
         read to the end, and is closed otherwise (closing a stream makes vLLM abort the request).
         Raises UpstreamUnavailable, GatewayOverloaded, UpstreamTimeout, UpstreamRejected (4xx) or
-        UpstreamFailed. `stream`: the answer is read with `event_batches` (its reads are bounded
-        by one watchdog; the wait for its headers, and for an error's body, by a timer; all `read_timeout_s`).
+        UpstreamFailed. `stream`: the answer will be read with `event_batches`, whose reads are
+        bounded by one watchdog instead of aiohttp's read timeout (which bounds the wait for the headers).
         """
         payload = orjson.dumps(body)
         request_headers = {"Content-Type": "application/json", **headers}
@@ -419,16 +424,8 @@ class UpstreamPool:
             for upstream in candidates:
                 started = time.perf_counter()
                 try:
-                    response = await self._unless_silent(
-                        session.post(
-                            f"{upstream.url}{path}",
-                            data=payload,
-                            headers=request_headers,
-                            allow_redirects=False,
-                            timeout=self._stream_timeout if stream else self._timeout,
-                        ),
-                        stream=stream,
-                        url=upstream.url,
+                    response = await session.post(
+                        f"{upstream.url}{path}", data=payload, headers=request_headers, allow_redirects=False
                     )
                 except aiohttp.SocketTimeoutError:  # read timeout while waiting for the headers
                     raise UpstreamTimeout(f"vLLM at {upstream.url} did not answer in time") from None
@@ -447,10 +444,14 @@ class UpstreamPool:
                 self._answered(upstream, response.status)
                 try:
                     if response.status >= 400:
-                        await raise_for_upstream_status(
-                            response, read_timeout_s=self._config.read_timeout_s if stream else None
-                        )
-                    silence_s = self._config.read_timeout_s if stream else None
+                        await raise_for_upstream_status(response)
+                    silence_s = None
+                    if stream and (connection := response.connection) and connection.protocol is not None:
+                        # From the headers on, one StallWatchdog bounds the stream's reads
+                        # (UpstreamResponse.event_batches): aiohttp's sock_read would cancel and re-arm
+                        # a timer on every read. (aiohttp does the same for a websocket's reads.)
+                        connection.protocol.read_timeout = None
+                        silence_s = self._config.read_timeout_s
                     yield UpstreamResponse(response, waited_s, silence_s=silence_s)
                 finally:
                     response.release()
@@ -460,29 +461,12 @@ class UpstreamPool:
             retry_after_s=math.ceil(self.health_interval_s),
         )
 
-    async def _unless_silent(self, awaitable: Awaitable[T], *, stream: bool, url: str) -> T:
-        """`awaitable`, the wait for vLLM's headers; for a stream (its request carries no sock_read)
-        bounded by one timer of `read_timeout_s`, UpstreamTimeout when it passes."""
-        if not stream:
-            return await awaitable
-        timer = asyncio.timeout(self._config.read_timeout_s)
-        try:
-            async with timer:
-                return await awaitable
-        except TimeoutError:
-            if not timer.expired():
-                raise
-        raise UpstreamTimeout(f"vLLM at {url} did not answer in time")
 
-
-async def raise_for_upstream_status(response: aiohttp.ClientResponse, *, read_timeout_s: float | None = None) -> None:
-    """Turn a vLLM error response into the gateway error that passes its status and message on.
-    `read_timeout_s` bounds reading the error's body where aiohttp's sock_read does not (streams);
-    a body not read in time, like an unreadable one, leaves the status alone to speak."""
+async def raise_for_upstream_status(response: aiohttp.ClientResponse) -> None:
+    """Turn a vLLM error response into the gateway error that passes its status and message on."""
     try:
-        async with asyncio.timeout(read_timeout_s):
-            body = orjson.loads(await response.read())
-    except (orjson.JSONDecodeError, aiohttp.ClientError, OSError):  # OSError: TimeoutError too
+        body = orjson.loads(await response.read())
+    except (orjson.JSONDecodeError, aiohttp.ClientError, OSError):
         body = {}
     if not isinstance(body, dict):
         body = {}

@@ -16,10 +16,11 @@ from collections.abc import Callable
 
 
 class StallWatchdog:
-    """Calls `on_stall()` once, when one marked wait has lasted `timeout_s`; `stop()` when the
-    stream ends. Made inside the running event loop."""
+    """Calls `on_stall()` when one marked wait has lasted `timeout_s`; it returns whether it ended
+    the wait (then `stalled` is set and the watchdog is done) or found it was not stalled after all
+    (then it keeps watching). `stop()` when the stream ends. Made inside the running event loop."""
 
-    def __init__(self, timeout_s: float, on_stall: Callable[[], object]) -> None:
+    def __init__(self, timeout_s: float, on_stall: Callable[[], bool]) -> None:
         self.timeout_s = timeout_s
         self.on_stall = on_stall
         self.loop = asyncio.get_running_loop()
@@ -35,8 +36,10 @@ class StallWatchdog:
         if self.loop.time() < deadline:
             self._timer = self.loop.call_at(deadline, self._check)
             return
-        self.stalled = True
-        self.on_stall()
+        if self.on_stall():
+            self.stalled = True
+        else:
+            self._timer = self.loop.call_later(self.timeout_s, self._check)
 
     def stop(self) -> None:
         self._timer.cancel()

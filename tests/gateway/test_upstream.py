@@ -51,6 +51,10 @@ def _run(pool: UpstreamPool, read: Callable[..., Any], *, after_start: Callable[
     answer with `read(upstream)`, stop the pool. With `hung_up`, that server must have seen its request
     closed before the pool stops (which closes every connection)."""
     async def go() -> Any:
+        async with asyncio.timeout(10):  # a broken timeout fails the test instead of hanging it
+            return await scripted()
+
+    async def scripted() -> Any:
         await pool.start()
         try:
             after_start()
@@ -159,16 +163,38 @@ def test_a_stream_is_cut_by_one_silence_not_by_its_length(running) -> None:
     silent = _serve(running, lambda request: Reply(parts=[b'data: {"n": 0}\n\n', b'data: {"n": 1}\n\n'],
                                                    then="stall"))  # silent after two events, until the client leaves
     received: list[dict] = []
+    last_event_at: list[float] = []
 
     async def read(upstream) -> None:
         async for batch in upstream.event_batches():
             received.extend(batch)
+            last_event_at.append(time.monotonic())
 
-    started = time.monotonic()
     with pytest.raises(UpstreamTimeout, match="stopped sending"):
         _run(_pool(silent, read_timeout_s=0.3), read, hung_up=silent)
     assert received == [{"n": 0}, {"n": 1}]
-    assert time.monotonic() - started >= 0.3  # not before the silence reached the read timeout
+    assert 0.3 <= time.monotonic() - last_event_at[-1] < 5  # not before the silence reached the read timeout
+
+
+def test_a_streams_reads_carry_no_per_read_timer_and_a_whole_answers_keep_aiohttps(running) -> None:
+    """The relay's speed-up (docs/performance.md, section 4): after its headers, a stream's connection
+    has no aiohttp read timeout (the watchdog bounds its reads); a whole answer keeps it."""
+    server = _serve(running, lambda request: Reply(parts=[b'data: {"a": 1}\n\n'], then="stall"))  # held open
+    pool = _pool(server, read_timeout_s=7.0)
+
+    async def go() -> list[float | None]:
+        await pool.start()
+        try:
+            timeouts = []
+            for stream in (True, False):
+                async with pool.open("/v1/chat/completions", {}, {}, stream=stream) as upstream:
+                    timeouts.append(upstream._response.connection.protocol.read_timeout)
+                    assert upstream.silence_s == (7.0 if stream else None)
+            return timeouts
+        finally:
+            await pool.stop()
+
+    assert asyncio.run(go()) == [None, 7.0]
 
 
 def test_events_end_at_done_and_a_cut_stream_is_a_disconnect(running) -> None:

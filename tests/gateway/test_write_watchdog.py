@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.relay import ClosingStreamingResponse
+from gateway.watchdog import StallWatchdog
 
 SCOPE = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
 
@@ -84,3 +85,21 @@ def test_a_cancellation_from_elsewhere_is_not_taken_for_a_slow_client() -> None:
 
     asyncio.run(main())
     assert too_slow == []
+
+
+def test_a_watchdog_that_finds_the_wait_was_not_stalled_keeps_watching() -> None:
+    """`on_stall` may find the wait ended in the same loop turn (bytes arrived): the watchdog is not
+    done, and a later stall of the same wait is still caught."""
+    answers = iter([False, True])
+    calls: list[float] = []
+
+    async def main() -> StallWatchdog:
+        watchdog = StallWatchdog(0.05, lambda: calls.append(asyncio.get_running_loop().time()) or next(answers))
+        watchdog.pending_since = watchdog.loop.time()
+        await asyncio.sleep(0.3)
+        watchdog.stop()
+        return watchdog
+
+    watchdog = asyncio.run(main())
+    assert watchdog.stalled and len(calls) == 2
+    assert calls[1] - calls[0] >= 0.05  # looked again a whole timeout later
