@@ -153,6 +153,8 @@ class UpstreamResponse:
 
         An answer larger than `max_bytes` raises UpstreamResponseTooLarge as soon as it is known to
         be (its declared length, or the bytes read so far): it is never held whole in memory."""
+        if self.silence_s is not None:  # its connection has no read timeout: only event_batches bounds it
+            raise RuntimeError("an answer opened as a stream is read with event_batches")
         declared = self._response.content_length
         if declared is not None and declared > max_bytes:
             raise UpstreamResponseTooLarge(_too_large(max_bytes))

@@ -197,6 +197,17 @@ def test_a_streams_reads_carry_no_per_read_timer_and_a_whole_answers_keep_aiohtt
     assert asyncio.run(go()) == [None, 7.0]
 
 
+def test_an_answer_opened_as_a_stream_is_not_read_whole(running) -> None:
+    """Its connection has no read timeout; `read_json` would wait on it unbounded, so it refuses."""
+    server = _serve(running, lambda request: Reply(parts=[b'data: {"a": 1}\n\n'], then="stall"))
+    with pytest.raises(RuntimeError, match="event_batches"):
+        _run(_pool(server), _json_of_a_stream)  # not `_json`: `_run` opens it as a stream
+
+
+async def _json_of_a_stream(upstream) -> dict:
+    return await upstream.read_json(max_bytes=1 << 20)
+
+
 def test_events_end_at_done_and_a_cut_stream_is_a_disconnect(running) -> None:
     complete = _serve(running, lambda request: Reply(parts=[b'data: {"a": 1}\n\n', b"data: [DONE]\n\n"]))
     assert _run(_pool(complete), _events) == [{"a": 1}]
