@@ -135,6 +135,23 @@ def _too_large(max_bytes: int) -> str:
     )
 
 
+class SilentReadStop:
+    """A stream's `StallWatchdog` action: ends the pending read the way aiohttp's sock_read would
+    (the read raises SocketTimeoutError), unless bytes came in since it began (`received_before`,
+    the reader's `total_bytes` then): they can arrive in the same loop turn as the timer, before
+    the reading task runs."""
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self.content = content
+        self.received_before = 0
+
+    def __call__(self) -> bool:
+        if self.content.total_bytes != self.received_before or self.content.is_eof():
+            return False
+        self.content.set_exception(aiohttp.SocketTimeoutError())
+        return True
+
+
 class UpstreamResponse:
     """An upstream answer whose headers arrived (status < 400) and whose body is still unread.
 
@@ -194,25 +211,14 @@ class UpstreamResponse:
         parser = EventParser()
         content = self._response.content
         loop = asyncio.get_running_loop()
-        watchdog = None
-        received_before = 0  # bytes of the body received when the pending read began
-
-        def stop_silent_read() -> bool:
-            """Ends the pending read the way aiohttp's sock_read would (it raises), unless bytes came
-            in the same loop turn as the timer, before the reading task could run."""
-            if content.total_bytes != received_before or content.is_eof():
-                return False
-            content.set_exception(aiohttp.SocketTimeoutError())
-            return True
-
-        if self.silence_s is not None:
-            watchdog = StallWatchdog(self.silence_s, stop_silent_read)
+        stop = SilentReadStop(content)
+        watchdog = StallWatchdog(self.silence_s, stop) if self.silence_s is not None else None
         try:
             while not parser.done:
                 started = loop.time()
                 if watchdog is not None:
                     watchdog.pending_since = started
-                    received_before = content.total_bytes
+                    stop.received_before = content.total_bytes
                 try:
                     data = await content.readany()  # all that has arrived; b"" at the end of the body
                 except (aiohttp.ClientError, OSError) as exc:

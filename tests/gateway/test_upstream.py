@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway import upstream as upstream_module
@@ -387,3 +388,36 @@ def test_consecutive_5xx_eject_an_upstream_while_another_is_healthy(running) -> 
     assert statuses == [502, 200, 502, 200, 502, 200, 200, 200, 200, 200]
     first = pool.upstreams[0]
     assert not first.healthy and "3 answers with HTTP 5xx in a row" in first.last_error
+
+
+def test_the_silence_stop_spares_a_read_whose_bytes_came_in_the_same_loop_turn() -> None:
+    """On aiohttp's real StreamReader: bytes received since the read began (or the end of the body)
+    mean the read is not silent; otherwise the pending read raises the read timeout."""
+    class Protocol:  # what StreamReader asks of its connection's protocol (flow control: nothing to do)
+        _reading_paused = False
+        connected = True
+
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+    async def main() -> None:
+        content = aiohttp.StreamReader(Protocol(), 2**16, loop=asyncio.get_running_loop())
+        stop = upstream_module.SilentReadStop(content)
+        stop.received_before = content.total_bytes
+        read = asyncio.ensure_future(content.readany())
+        await asyncio.sleep(0)
+        content.feed_data(b"data: {}\n\n")  # arrived; the reading task has not run yet
+        assert stop() is False
+        assert await read == b"data: {}\n\n"
+
+        stop.received_before = content.total_bytes
+        read = asyncio.ensure_future(content.readany())
+        await asyncio.sleep(0)
+        assert stop() is True
+        with pytest.raises(aiohttp.SocketTimeoutError):
+            await read
+
+    asyncio.run(main())
